@@ -1,0 +1,90 @@
+"""Ed25519 key files: the private key as hex in a 0600 file, the public key as hex in `PATH.pub` beside it."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import nacl.signing
+
+from protocols import kid_for
+
+
+class KeyFileError(Exception):
+    """A key file is missing, unreadable, malformed, or readable by others."""
+
+
+def write_new_key(path: Path, force: bool = False) -> nacl.signing.SigningKey:
+    """Make a key and write it atomically with mode 0600 (never briefly world-readable)."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise KeyFileError(f"{path} already exists (use --force to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = nacl.signing.SigningKey.generate()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, bytes(key).hex().encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    public_path(path).write_text(bytes(key.verify_key).hex() + "\n")
+    return key
+
+
+def public_path(path: Path) -> Path:
+    return Path(f"{path}.pub")
+
+
+def load_key(path: Path) -> nacl.signing.SigningKey:
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(f"key file {path} is accessible by other users (mode {stat.S_IMODE(mode):o}); "
+                           f"run: chmod 600 {path}")
+    try:
+        seed = bytes.fromhex(text)
+    except ValueError:
+        raise KeyFileError(f"key file {path} does not hold hex") from None
+    if len(seed) != 32:
+        raise KeyFileError(f"key file {path} holds {len(seed)} bytes; an Ed25519 key has 32")
+    return nacl.signing.SigningKey(seed)
+
+
+def parse_public_key(value: str) -> bytes:
+    """A public key given as 64 hex characters or as the path of a file holding them."""
+    text = value.strip()
+    if len(text) != 64 or not all(c in "0123456789abcdefABCDEF" for c in text):
+        candidate = Path(value)
+        if not is_readable_file(value):
+            raise KeyFileError(f"public key {value[:80]!r} is neither 64 hex characters nor a readable file")
+        try:
+            text = candidate.read_text().strip()
+        except OSError as exc:
+            raise KeyFileError(f"cannot read public key file {value}: {exc.strerror}") from None
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise KeyFileError(f"public key {value[:80]!r} is not hex") from None
+    if len(key) != 32:
+        raise KeyFileError(f"public key {value[:80]!r} has {len(key)} bytes; an Ed25519 key has 32")
+    return key
+
+
+def is_readable_file(value: str) -> bool:
+    """Path.is_file() raises on names over the OS limit (a long hex string is one); those are not files."""
+    try:
+        return Path(value).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def describe(public_key: bytes) -> dict[str, str]:
+    return {"kid": kid_for(public_key).hex(), "public_key": public_key.hex()}
