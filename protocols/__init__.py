@@ -13,7 +13,7 @@ from .errors import (REASONS, BadSignature, Expired, LocalProtocolError, Malform
                      RemoteProtocolError, Replayed, TooLarge, UnknownKey, WrongSender, WrongTarget, WrongTopic)
 from .messages import (BODY_TYPES, ENROLL_VERDICTS, PROTOCOL_VERSION, STEP_EVENTS, Ack, Assign, AttemptRef, Birth,
                        Body, Cancel, Config, Death, Drain, Enroll, Header, Heartbeat, HubState, Message, StepEvent,
-                       StepResult, Telemetry)
+                       StepResult, Telemetry, body_from_map, body_to_map)
 from .replay import ReplayWindow
 from .signing import HUB_ID, Keyring, Outgoing, Receiver, Signer, open_envelope
 from .topics import Topic, TopicFilter, check_id, is_valid_id
@@ -24,7 +24,7 @@ __all__ = [
     "Replayed", "TooLarge", "UnknownKey", "WrongSender", "WrongTarget", "WrongTopic",
     "BODY_TYPES", "ENROLL_VERDICTS", "PROTOCOL_VERSION", "STEP_EVENTS", "Ack", "Assign", "AttemptRef", "Birth", "Body",
     "Cancel", "Config", "Death", "Drain", "Enroll", "Header", "Heartbeat", "HubState", "Message", "StepEvent",
-    "StepResult", "Telemetry",
+    "StepResult", "Telemetry", "body_from_map", "body_to_map",
     "ReplayWindow",
     "HUB_ID", "Keyring", "Outgoing", "Receiver", "Signer", "open_envelope",
     "Topic", "TopicFilter", "check_id", "is_valid_id",

@@ -581,3 +581,19 @@ def decode_payload(raw: Any) -> Message:
 def describe_types() -> dict[str, list[tuple[str, str, bool]]]:
     """(wire key, checker description, required) per field of every type: used by docs and tests."""
     return {t: [(f.key, f.check.describe, f.required) for f in _TABLES[cls]] for t, cls in BODY_TYPES.items()}
+
+
+def body_to_map(body: Body) -> dict[str, Any]:
+    """A body's own fields as a wire map (no header): what the agent's outbox stores to sign again later."""
+    return _encode_fields(_TABLES[type(body)], body)
+
+
+def body_from_map(type_name: str, raw: Mapping[str, Any]) -> Body:
+    """The inverse of `body_to_map`, with the same checks as on receive."""
+    cls = BODY_TYPES.get(type_name)
+    if cls is None:
+        raise Malformed(f"unknown message type {type_name!r}")
+    try:
+        return cls(**_decode_fields(_TABLES[cls], raw))
+    except _Invalid as exc:
+        raise exc.to_malformed() from None

@@ -1,0 +1,103 @@
+"""`fleetflow agent run` and `fleetflow agent identity`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .config import AgentConfig, ConfigError, load_config
+from .identity import Identity, IdentityError
+from .keys import KeyFileError
+from .profiles import ProfileError
+
+agent_app = typer.Typer(help="Run the device agent and show its identity.", no_args_is_help=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@agent_app.command("run")
+def agent_run(
+        broker: Optional[str] = typer.Option(None, help="mqtt://HOST:PORT or mqtts://HOST:PORT [FLEETFLOW_BROKER]"),
+        fleet: Optional[str] = typer.Option(None, help="Fleet id [FLEETFLOW_FLEET]"),
+        node_id: Optional[str] = typer.Option(None, "--node-id", help="This node's id [FLEETFLOW_NODE_ID]"),
+        data: Optional[Path] = typer.Option(None, help="Data directory: key, identity, outbox [FLEETFLOW_DATA]"),
+        profile: Optional[str] = typer.Option(None, help="Firmware profile name [FLEETFLOW_PROFILE]"),
+        label: list[str] = typer.Option([], "--label", help="k=v, repeatable [FLEETFLOW_LABELS=k=v,k2=v2]"),
+        hub_key: Optional[str] = typer.Option(None, "--hub-key", help="Hub public key: hex or file [FLEETFLOW_HUB_KEY]"),
+        config: Optional[Path] = typer.Option(None, "--config", help="TOML config file [FLEETFLOW_CONFIG]"),
+        username: Optional[str] = typer.Option(None, help="Broker username (password: FLEETFLOW_PASSWORD or file)"),
+        ca_file: Optional[str] = typer.Option(None, "--ca-file", help="CA certificate for mqtts://"),
+        cert_file: Optional[str] = typer.Option(None, "--cert-file", help="Client certificate for mqtts://"),
+        key_file: Optional[str] = typer.Option(None, "--key-file", help="Client certificate key for mqtts://"),
+        heartbeat: Optional[float] = typer.Option(None, help="Heartbeat interval, s (default: the profile's)"),
+        telemetry: Optional[float] = typer.Option(None, help="Telemetry interval, s (default: the profile's)"),
+        max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", help="Concurrent steps"),
+        grace_period: Optional[float] = typer.Option(None, "--grace-period", help="SIGTERM grace for steps, s"),
+        enroll_token: Optional[str] = typer.Option(None, "--enroll-token", help="Token the hub accepts on sight"),
+        log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
+) -> None:
+    """Run the agent until SIGTERM or SIGINT (then it drains and publishes its death)."""
+    flags = {"broker": broker, "fleet": fleet, "node_id": node_id, "data": data, "profile": profile,
+             "labels": label, "hub_key": hub_key, "username": username, "ca_file": ca_file, "cert_file": cert_file,
+             "key_file": key_file, "heartbeat": heartbeat, "telemetry": telemetry, "max_concurrent": max_concurrent,
+             "grace_period": grace_period, "enroll_token": enroll_token}
+    try:
+        settings = load_config({k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()}, config)
+    except ConfigError as exc:
+        _fail(str(exc))
+    level = getattr(logging, log_level.upper(), None)
+    if not isinstance(level, int):
+        _fail(f"--log-level {log_level!r}: use debug, info, warning or error")
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    code = run_agent(settings)
+    raise typer.Exit(code)
+
+
+def run_agent(settings: AgentConfig) -> int:
+    from .node import Agent
+
+    async def main() -> int:
+        try:
+            agent = Agent(settings)
+        except (IdentityError, KeyFileError, ProfileError, ConfigError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            return 2
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.stop)
+        await agent.run()
+        return 0
+
+    return asyncio.run(main())
+
+
+@agent_app.command("identity")
+def agent_identity(data: Path = typer.Option(..., help="The agent's data directory"),
+                   as_json: bool = typer.Option(False, "--json", help="Print JSON")) -> None:
+    """Print this node's id, kid and public key (creates nothing)."""
+    try:
+        identity = Identity.open(data)
+    except (IdentityError, KeyFileError) as exc:
+        _fail(str(exc))
+    info = identity.describe()
+    identity.close()
+    if as_json:
+        typer.echo(json.dumps(info))
+    else:
+        for key, value in info.items():
+            typer.echo(f"{key:11s} {value}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(agent_app, name="agent")

@@ -1,0 +1,226 @@
+"""Agent settings from three sources, flags over environment (`FLEETFLOW_*`) over a TOML file. Every error names the
+setting and where its value came from.
+
+A TOML file uses the same names as the flags (with underscores), plus tables for labels and executors:
+
+    broker = "mqtts://broker.plant1:8883"
+    fleet = "plant-1"
+    node_id = "press-07"
+    data = "/var/lib/fleetflow"
+    profile = "rpi4"
+    ca_file = "/etc/fleetflow/ca.pem"
+    [labels]
+    line = "2"
+    [shell]
+    enabled = true
+    allow = ["/usr/bin/systemctl", "/opt/plant/bin/*"]
+    [python]
+    enabled = false
+    allow = []
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from protocols import is_valid_id
+
+from .keys import KeyFileError, parse_public_key
+from .transport import BrokerSettings
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names it and its source."""
+
+
+@dataclass
+class AgentConfig:
+    broker: str = ""
+    fleet: str = ""
+    node_id: str = ""
+    data: Path = Path()
+    profile: str = "container"
+    labels: dict[str, str] = field(default_factory=dict)
+    hub_key: bytes | None = None
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive: int = 30
+    heartbeat: float | None = None       # seconds; default from the profile
+    telemetry: float | None = None       # seconds; default from the profile
+    max_concurrent: int | None = None    # default from the profile
+    grace_period: float = 30.0           # SIGTERM: time for running steps to finish
+    outbox_max_bytes: int = 16 * 1024 * 1024
+    max_step_bytes: int = 64 * 1024
+    enroll_token: str | None = None
+    profiles_dir: Path | None = None
+    shell: bool = False
+    shell_allow: tuple[str, ...] = ()
+    python: bool = False
+    python_allow: tuple[str, ...] = ()
+
+    def broker_settings(self) -> BrokerSettings:
+        return BrokerSettings(self.broker, self.username, self.password, self.ca_file, self.cert_file, self.key_file,
+                              self.keepalive)
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: expected a non-empty string")
+    return value
+
+
+def _id(value: Any, where: str) -> str:
+    if not is_valid_id(value):
+        raise ConfigError(f"{where}: {value!r} is not a valid id ([A-Za-z0-9_.-]{{1,64}})")
+    return value  # type: ignore[no-any-return]
+
+
+def _positive_float(value: Any, where: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if isinstance(value, bool) or not number > 0:
+        raise ConfigError(f"{where}: must be greater than 0, got {value!r}")
+    return number
+
+
+def _positive_int(value: Any, where: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if isinstance(value, bool) or number <= 0:
+        raise ConfigError(f"{where}: must be a positive integer, got {value!r}")
+    return number
+
+
+def _bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.lower() in ("1", "true", "yes", "on")
+    raise ConfigError(f"{where}: expected true or false, got {value!r}")
+
+
+def _labels(value: Any, where: str) -> dict[str, str]:
+    if isinstance(value, str):  # "k=v,k2=v2" from the environment
+        value = [item for item in value.split(",") if item]
+    if isinstance(value, (list, tuple)):
+        out = {}
+        for item in value:
+            key, sep, val = str(item).partition("=")
+            if not sep:
+                raise ConfigError(f"{where}: label {item!r} must be key=value")
+            out[key] = val
+        value = out
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected key=value labels")
+    for key, val in value.items():
+        _id(key, f"{where} (label name)")
+        if not isinstance(val, str):
+            raise ConfigError(f"{where}: label {key} must be a string")
+    return dict(value)
+
+
+def _hub_key(value: Any, where: str) -> bytes:
+    try:
+        return parse_public_key(_text(value, where))
+    except KeyFileError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [item for item in value.split(",") if item]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: expected a list of strings")
+    return tuple(value)
+
+
+def _broker(value: Any, where: str) -> str:
+    url = _text(value, where)
+    try:
+        BrokerSettings(url).parsed()
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if "@" in url.split("//", 1)[-1].split("/", 1)[0]:
+        # Credentials in a URL end up in process lists and logs.
+        raise ConfigError(f"{where}: put no credentials in the URL; use --username and FLEETFLOW_PASSWORD")
+    return url
+
+
+def _path(value: Any, where: str) -> Path:
+    return Path(_text(value, where))
+
+
+PARSERS: dict[str, Callable[[Any, str], Any]] = {
+    "broker": _broker, "fleet": _id, "node_id": _id, "data": _path, "profile": _id, "labels": _labels,
+    "hub_key": _hub_key, "username": _text, "password": _text, "ca_file": _text, "cert_file": _text,
+    "key_file": _text, "keepalive": _positive_int, "heartbeat": _positive_float, "telemetry": _positive_float,
+    "max_concurrent": _positive_int, "grace_period": _positive_float, "outbox_max_bytes": _positive_int,
+    "max_step_bytes": _positive_int, "enroll_token": _text, "profiles_dir": _path, "shell": _bool,
+    "shell_allow": _strings, "python": _bool, "python_allow": _strings,
+}
+REQUIRED = ("broker", "fleet", "node_id", "data")
+# Never from a flag: a command line is visible to every user of the machine (ps).
+SECRET = ("password",)
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in ("shell", "python") and isinstance(value, dict):
+            for sub, subvalue in value.items():
+                name = key if sub == "enabled" else f"{key}_{sub}"
+                if name not in PARSERS:
+                    raise ConfigError(f"config file {path}: unknown setting [{key}] {sub}")
+                out[name] = subvalue
+        elif key in PARSERS:
+            out[key] = value
+        else:
+            raise ConfigError(f"config file {path}: unknown setting {key!r}")
+    return out
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    return {name: env[f"FLEETFLOW_{name.upper()}"] for name in PARSERS if f"FLEETFLOW_{name.upper()}" in env}
+
+
+def load_config(flags: Mapping[str, Any], config_file: Path | None = None,
+                env: Mapping[str, str] | None = None) -> AgentConfig:
+    """Merge the sources (flags > environment > file), parse every value, and check what is required."""
+    env = os.environ if env is None else env
+    if config_file is None and env.get("FLEETFLOW_CONFIG"):
+        config_file = Path(env["FLEETFLOW_CONFIG"])
+    layers = [(f"config file {config_file}", _from_file(config_file) if config_file else {}),
+              ("environment", _from_env(env)),
+              ("flag", {k: v for k, v in flags.items() if v is not None and v != () and v != []})]
+    values: dict[str, Any] = {}
+    for source, layer in layers:
+        for name, value in layer.items():
+            if name in SECRET and source == "flag":
+                raise ConfigError(f"--{name.replace('_', '-')} is not accepted on the command line; "
+                                  f"use FLEETFLOW_{name.upper()} or the config file")
+            where = f"{name} (from {source})" if source != "flag" else f"--{name.replace('_', '-')}"
+            values[name] = PARSERS[name](value, where)
+    missing = [name for name in REQUIRED if name not in values]
+    if missing:
+        raise ConfigError("missing setting(s): " + ", ".join(
+            f"--{m.replace('_', '-')} (or FLEETFLOW_{m.upper()})" for m in missing))
+    known = {f.name for f in fields(AgentConfig)}
+    return AgentConfig(**{k: v for k, v in values.items() if k in known})

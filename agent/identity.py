@@ -1,0 +1,147 @@
+"""The agent's identity in its data directory: its key (0600), and a small TinyDB document with the node id, fleet,
+boot counter, enrollment state and the pinned hub key. Writes are fsync'd: a boot number
+must never be reused after a power cut.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nacl.signing
+from tinydb import TinyDB
+from tinydb.storages import Storage
+
+from protocols import check_id, kid_for
+
+from .keys import load_key, write_new_key
+
+KEY_FILE = "node.key"
+DOC_FILE = "identity.json"
+
+
+class IdentityError(Exception):
+    """The data directory belongs to another node or fleet, or cannot be used."""
+
+
+class DurableJSONStorage(Storage):
+    """TinyDB storage that replaces the file atomically and fsyncs it (TinyDB's default does neither)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def read(self) -> dict[str, dict[str, Any]] | None:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return None
+        return json.loads(text) if text.strip() else None
+
+    def write(self, data: dict[str, dict[str, Any]]) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps(data, indent=1, sort_keys=True).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class Identity:
+    data_dir: Path
+    node_id: str
+    fleet: str
+    key: nacl.signing.SigningKey
+    _db: TinyDB
+
+    @classmethod
+    def open(cls, data_dir: Path, node_id: str | None = None, fleet: str | None = None) -> Identity:
+        """Open (or, with node_id and fleet, create) the identity in `data_dir`."""
+        data_dir = Path(data_dir)
+        doc_path = data_dir / DOC_FILE
+        if not doc_path.exists() and (node_id is None or fleet is None):
+            raise IdentityError(f"{data_dir} holds no agent identity (start the agent once with --node-id and --fleet)")
+        data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(data_dir, 0o700)
+        db = TinyDB(str(doc_path), storage=DurableJSONStorage)
+        doc = db.table("identity").get(doc_id=1) or {}
+        if doc:
+            for name, given in (("node_id", node_id), ("fleet", fleet)):
+                if given is not None and doc[name] != given:
+                    raise IdentityError(f"{data_dir} belongs to {name} {doc[name]!r}, not {given!r}; "
+                                        f"use another --data directory for another node")
+        else:
+            check_id(node_id, "node id")
+            check_id(fleet, "fleet")
+            db.table("identity").insert({"node_id": node_id, "fleet": fleet, "boot": 0, "enrolled": False})
+            doc = db.table("identity").get(doc_id=1)  # type: ignore[assignment]
+        key_path = data_dir / KEY_FILE
+        key = load_key(key_path) if key_path.exists() else write_new_key(key_path)
+        return cls(data_dir, doc["node_id"], doc["fleet"], key, db)
+
+    @property
+    def public_key(self) -> bytes:
+        return bytes(self.key.verify_key)
+
+    @property
+    def kid(self) -> bytes:
+        return kid_for(self.public_key)
+
+    def _doc(self) -> dict[str, Any]:
+        return self._db.table("identity").get(doc_id=1) or {}
+
+    def _update(self, **fields: Any) -> None:
+        self._db.table("identity").update(fields, doc_ids=[1])
+
+    @property
+    def boot(self) -> int:
+        return int(self._doc()["boot"])
+
+    def next_boot(self) -> int:
+        """+1 on every start and every new session, written durably before it is used."""
+        boot = self.boot + 1
+        self._update(boot=boot)
+        return boot
+
+    @property
+    def enrolled(self) -> bool:
+        return bool(self._doc().get("enrolled"))
+
+    def set_enrolled(self, value: bool) -> None:
+        self._update(enrolled=value)
+
+    @property
+    def hub_key(self) -> bytes | None:
+        value = self._doc().get("hub_key")
+        return bytes.fromhex(value) if value else None
+
+    def pin_hub_key(self, key: bytes) -> None:
+        self._update(hub_key=key.hex())
+
+    def intervals(self) -> tuple[float | None, float | None]:
+        doc = self._doc()
+        return doc.get("hb"), doc.get("tel")
+
+    def save_intervals(self, hb: float, tel: float) -> None:
+        self._update(hb=hb, tel=tel)
+
+    def describe(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "fleet": self.fleet, "kid": self.kid.hex(), "public_key": self.public_key.hex(),
+                "boot": self.boot, "enrolled": self.enrolled,
+                "hub_key": self.hub_key.hex() if self.hub_key else None}
+
+    def close(self) -> None:
+        self._db.close()

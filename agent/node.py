@@ -1,0 +1,354 @@
+"""The agent's session logic: identity, enrollment, birth and death, heartbeats, telemetry, commands, outbox flush.
+
+One `Agent` per device. `run()` connects, and reconnects with exponential backoff and jitter, each session with a
+new boot. Before connecting it signs the death certificate (the Last Will) for that boot. `stop()` (SIGTERM) drains:
+no new work, running steps get the grace period, results are flushed and acknowledged, then the agent publishes
+its own death and disconnects cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from protocols import (HUB_ID, Ack, Assign, Birth, Cancel, Config, Drain, Enroll, Heartbeat, HubState, Keyring,
+                       ProtocolError, Receiver, ReplayWindow, Signer, Telemetry, Topic, body_from_map, open_envelope)
+
+from . import __version__
+from .config import AgentConfig
+from .executors import Executor, ExecutorPolicy, build_executors
+from .identity import Identity
+from .outbox import Outbox
+from .profiles import Profile, load_profile
+from .runner import Runner
+from .telemetry import PsutilSource, TelemetrySource, now_ms
+from .transport import MqttTransport, Session, Transport, TransportError, Will
+
+log = logging.getLogger("fleetflow.agent")
+
+ACK_WAIT_ON_STOP = 5.0
+RESEND_AFTER = 15.0  # seconds without an ack before unacknowledged entries are sent again in the same session
+
+
+class Backoff:
+    """Exponential backoff with +-20% jitter, so a fleet that lost its broker does not reconnect in lockstep."""
+
+    def __init__(self, initial: float = 0.5, maximum: float = 30.0, rng: random.Random | None = None) -> None:
+        self.initial, self.maximum, self.rng = initial, maximum, rng or random.Random()
+        self.current = initial
+
+    def next(self) -> float:
+        delay = self.current * self.rng.uniform(0.8, 1.2)
+        self.current = min(self.maximum, self.current * 2)
+        return delay
+
+    def reset(self) -> None:
+        self.current = self.initial
+
+
+class _Stopped(Exception):
+    """Ends a session's task group after a graceful stop."""
+
+
+class RateLimitedLog:
+    """Logs a refused message once per (sender, reason) per interval: an attacker cannot flood the log."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self.interval = interval
+        self._last: dict[tuple[str, str], float] = {}
+
+    def warning(self, key: tuple[str, str], message: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) >= self.interval:
+            self._last[key] = now
+            log.warning(message)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, *, transport: Transport | None = None,
+                 telemetry: TelemetrySource | None = None, clock_ms: Callable[[], int] = now_ms,
+                 extra_executors: dict[str, Executor] | None = None, speed: float = 1.0) -> None:
+        self.config = config
+        self.clock_ms = clock_ms
+        self.identity = Identity.open(config.data, config.node_id, config.fleet)
+        self.profile: Profile = load_profile(config.profile, config.profiles_dir)
+        self.outbox = Outbox(config.data / "outbox.sqlite", config.outbox_max_bytes)
+        self.transport = transport or MqttTransport(config.broker_settings())
+        self.telemetry = telemetry or PsutilSource(str(config.data))
+        hb, tel = self.identity.intervals()
+        self.hb_interval = float(hb or config.heartbeat or self.profile.heartbeat_s)
+        self.tel_interval = float(tel or config.telemetry or self.profile.telemetry_s)
+        policy = ExecutorPolicy(shell=config.shell, shell_allow=config.shell_allow, python=config.python,
+                                python_allow=config.python_allow, extra=dict(extra_executors or {}))
+        executors, disabled = build_executors(policy)
+        self.runner = Runner(self.outbox, executors, disabled, config.max_concurrent or self.profile.max_concurrent,
+                             clock_ms, self._wake_flusher, config.max_step_bytes, speed)
+        self.signer = Signer(self.identity.key, config.fleet, config.node_id, boot=self.identity.boot)
+        self.hub_key = self._choose_hub_key()
+        keyring = Keyring([(HUB_ID, self.hub_key)] if self.hub_key else [])
+        saved = self.outbox.load_state("hub_window")
+        self.receiver = Receiver(config.fleet, keyring, node_id=config.node_id,
+                                 windows={HUB_ID: ReplayWindow.from_dict(saved)} if saved else {})
+        self.rejected: collections.Counter[str] = collections.Counter()
+        self.topics = {kind: Topic.node(config.fleet, config.node_id, kind).value for kind in ("cmd", "enroll")}
+        self.hub_state_topic = Topic.hub_state(config.fleet).value
+        self.session: Session | None = None
+        self.sessions = 0
+        self._stop_requested = asyncio.Event()
+        self._stopped = False
+        self._flush_wake = asyncio.Event()
+        self._ack_seen = asyncio.Event()
+        self._interval_changed = {"hb": asyncio.Event(), "tel": asyncio.Event()}
+        self._enrolled = asyncio.Event()
+        self._hub_key_known = asyncio.Event()
+        if self.identity.enrolled:
+            self._enrolled.set()
+        if self.hub_key:
+            self._hub_key_known.set()
+        self._refusals = RateLimitedLog()
+
+    # -- setup -----------------------------------------------------------------------------------------------------
+
+    def _choose_hub_key(self) -> bytes | None:
+        given, pinned = self.config.hub_key, self.identity.hub_key
+        if given and pinned and given != pinned:
+            log.warning("the configured hub key differs from the one pinned earlier; using the configured key")
+        if given:
+            self.identity.pin_hub_key(given)
+            return given
+        return pinned
+
+    def _wake_flusher(self) -> None:
+        self._flush_wake.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_requested.is_set()
+
+    def stop(self) -> None:
+        """Request a graceful stop (what SIGTERM does)."""
+        self._stop_requested.set()
+
+    # -- the outer loop --------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        recovered = self.runner.recover()
+        if recovered:
+            log.warning("reported %d attempt(s) interrupted by the last stop as failed", len(recovered))
+        telemetry = asyncio.create_task(self._telemetry_loop(), name="telemetry")
+        backoff = Backoff()
+        try:
+            while not self.stopping:
+                boot = self.identity.next_boot()
+                self.signer.new_boot(boot)
+                will = self.signer.death_certificate(self.clock_ms(), "lost")
+                try:
+                    async with self.transport.connect(f"{self.config.fleet}.{self.config.node_id}",
+                                                      Will(will.topic, will.payload, qos=1)) as session:
+                        backoff.reset()
+                        await self._session(session)
+                except* TransportError as group:
+                    log.warning("broker connection: %s", group.exceptions[0])
+                except* _Stopped:
+                    pass
+                finally:
+                    self.session = None
+                if self.stopping:
+                    break
+                delay = backoff.next()
+                log.info("reconnecting in %.1f s", delay)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop_requested.wait(), delay)
+            if not self._stopped:  # stopped while offline: still let running steps finish into the outbox
+                await self.runner.drain_and_stop(self.config.grace_period)
+        finally:
+            telemetry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await telemetry
+            self.outbox.close()
+            self.identity.close()
+
+    async def _session(self, session: Session) -> None:
+        self.sessions += 1
+        await session.subscribe(self.topics["cmd"], qos=1)
+        await session.subscribe(self.hub_state_topic, qos=1)
+        self.session = session
+        log.info("connected as %s boot %d", self.config.node_id, self.signer.boot)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._reader(session), name="reader")
+            group.create_task(self._start(session, group), name="start")
+            group.create_task(self._watch_stop(session), name="stop")
+
+    async def _start(self, session: Session, group: asyncio.TaskGroup) -> None:
+        await self._enroll(session)
+        birth = Birth(self.profile.name, __version__, {**self.profile.labels, **self.config.labels},
+                      tuple(sorted({*self.profile.capabilities, *self.runner.executors})), self.runner.running_refs(),
+                      self.outbox.depth(), self.runner.slots, self.hb_interval, self.tel_interval,
+                      self.profile.resources())
+        await self._publish(session, self.signer.seal(birth, self.clock_ms()), qos=1)
+        group.create_task(self._heartbeat_loop(session), name="heartbeat")
+        group.create_task(self._flusher(session), name="flusher")
+
+    async def _publish(self, session: Session, out: Any, qos: int) -> None:
+        await session.publish(out.topic, out.payload, qos=qos)
+
+    # -- enrollment ------------------------------------------------------------------------------------------------
+
+    async def _enroll(self, session: Session) -> None:
+        if self._enrolled.is_set():
+            return
+        backoff = Backoff(1.0, 60.0)
+        while not self._enrolled.is_set():
+            if not self._hub_key_known.is_set():
+                log.info("waiting for the hub's state message to learn its key (no --hub-key given)")
+                await self._hub_key_known.wait()
+            request = Enroll(self.identity.public_key, self.profile.name, {**self.profile.labels, **self.config.labels},
+                             self.config.enroll_token)
+            await self._publish(session, self.signer.seal(request, self.clock_ms()), qos=1)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._enrolled.wait(), backoff.next())
+        log.info("enrolled with the hub")
+
+    # -- receiving -------------------------------------------------------------------------------------------------
+
+    async def _reader(self, session: Session) -> None:
+        async for topic, payload in session.messages():
+            if topic == self.hub_state_topic:
+                self._on_hub_state(topic, payload)
+                continue
+            try:
+                message = self.receiver.receive(topic, payload, self.clock_ms())
+            except ProtocolError as exc:
+                self.rejected[exc.reason] += 1
+                self._refusals.warning(("cmd", exc.reason), f"refused a command: {exc.reason}: {exc}")
+                continue
+            self.outbox.save_state("hub_window", self.receiver.windows[HUB_ID].to_dict())
+            self._on_command(message.body)
+
+    def _on_hub_state(self, topic: str, payload: bytes) -> None:
+        # The retained state is delivered again on every subscribe, so it is verified but not replay-checked.
+        try:
+            if self.hub_key is None:
+                key = self.receiver.hub_key_from_state(topic, payload)
+                log.warning("pinned the hub key %s on first use; configure --hub-key to avoid trusting the first "
+                            "hub seen", key.hex())
+                self.identity.pin_hub_key(key)
+                self.hub_key = key
+                self.receiver.keyring.add(HUB_ID, key)
+                self._hub_key_known.set()
+            message = open_envelope(payload, topic, self.hub_key, self.receiver.max_size)
+        except ProtocolError as exc:
+            self.rejected[exc.reason] += 1
+            self._refusals.warning(("hub_state", exc.reason), f"refused a hub state message: {exc.reason}: {exc}")
+            return
+        if isinstance(message.body, HubState):
+            log.info("hub is %s", "online" if message.body.online else "offline")
+
+    def _on_command(self, body: Any) -> None:
+        if isinstance(body, Assign):
+            reason = self.runner.assign(body)
+            if reason:
+                log.info("refused attempt %s: %s", body.attempt, reason)
+        elif isinstance(body, Ack):
+            if body.eids:
+                self.outbox.remove(body.eids)
+                self._ack_seen.set()
+            if body.enroll == "accepted" and not self._enrolled.is_set():
+                self.identity.set_enrolled(True)
+                self._enrolled.set()
+            elif body.enroll == "rejected":
+                log.error("the hub rejected this node's enrollment; it keeps asking (an operator can accept it)")
+        elif isinstance(body, Cancel):
+            self.runner.cancel(body.attempts, body.reason)
+        elif isinstance(body, Drain):
+            self.runner.draining = body.on
+        elif isinstance(body, Config):
+            self.hb_interval = body.hb or self.hb_interval
+            self.tel_interval = body.tel or self.tel_interval
+            self.identity.save_intervals(self.hb_interval, self.tel_interval)
+            for event in self._interval_changed.values():
+                event.set()
+
+    # -- periodic work ---------------------------------------------------------------------------------------------
+
+    async def _sleep_interval(self, which: str, seconds: float) -> None:
+        """Sleep one interval; a config command that changes it ends the sleep early."""
+        changed = self._interval_changed[which]
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(changed.wait(), seconds)
+        changed.clear()
+
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(len(self.runner.running), self.runner.free_slots(), self.outbox.depth(),
+                         self.outbox.counter("shed"), dict(self.rejected), self.runner.draining)
+
+    async def _heartbeat_loop(self, session: Session) -> None:
+        while True:
+            await self._publish(session, self.signer.seal(self.heartbeat(), self.clock_ms()), qos=0)
+            await self._sleep_interval("hb", self.hb_interval)
+
+    async def _telemetry_loop(self) -> None:
+        """Runs across sessions: samples taken while offline wait in the outbox (sheddable)."""
+        while True:
+            await self._sleep_interval("tel", self.tel_interval)
+            metrics = self.telemetry.sample()
+            at = self.clock_ms()
+            session = self.session
+            if session is not None and self.outbox.depth() == 0:
+                try:
+                    await self._publish(session, self.signer.seal(Telemetry(metrics), at), qos=0)
+                    continue
+                except TransportError:
+                    pass
+            self.outbox.add_telemetry({"metrics": metrics, "at": at}, at)
+            self._wake_flusher()
+
+    async def _flusher(self, session: Session) -> None:
+        """Sends outbox entries in order; resends unacknowledged ones after a new session or RESEND_AFTER seconds."""
+        cursor = 0
+        while True:
+            entries = self.outbox.pending(cursor)
+            if not entries:
+                self._flush_wake.clear()
+                try:
+                    await asyncio.wait_for(self._flush_wake.wait(), RESEND_AFTER)
+                except asyncio.TimeoutError:
+                    cursor = 0  # nothing new for a while: send what is still unacknowledged again
+                continue
+            for entry in entries:
+                if entry.kind == "tel":
+                    body = Telemetry(entry.body["metrics"], entry.body.get("at"))
+                    await self._publish(session, self.signer.seal(body, self.clock_ms()), qos=0)
+                    self.outbox.remove([entry.eid])
+                else:
+                    body = body_from_map(entry.type, {**entry.body, "eid": entry.eid})
+                    await self._publish(session, self.signer.seal(body, self.clock_ms()), qos=1)
+                cursor = entry.eid
+
+    # -- stopping --------------------------------------------------------------------------------------------------
+
+    async def _watch_stop(self, session: Session) -> None:
+        await self._stop_requested.wait()
+        log.info("stopping: no new work, %d running step(s) get %.0f s", len(self.runner.running),
+                 self.config.grace_period)
+        await self.runner.drain_and_stop(self.config.grace_period)
+        deadline = time.monotonic() + ACK_WAIT_ON_STOP
+        while self._unacked_events() and time.monotonic() < deadline:
+            self._ack_seen.clear()
+            self._wake_flusher()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._ack_seen.wait(), max(0.05, deadline - time.monotonic()))
+        # Death last: the hub must not move steps whose results are about to arrive.
+        await self._publish(session, self.signer.death_certificate(self.clock_ms(), "shutdown"), qos=1)
+        self._stopped = True
+        raise _Stopped()
+
+    def _unacked_events(self) -> bool:
+        return any(e.kind == "evt" for e in self.outbox.pending(0, 1000))
+

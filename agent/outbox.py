@@ -1,0 +1,239 @@
+"""The disk outbox: step events and results wait here until the hub acknowledges them.
+
+SQLite (standard library) in WAL mode with synchronous=FULL, so an entry written before a publish survives kill -9
+and power loss. Bounded in bytes: step events and results are never dropped (when the outbox is over its high-water
+mark the agent refuses new assignments instead); telemetry is stored only while offline and is shed oldest-first
+when space runs out, with a durable count of what was shed. Running attempts are recorded here too, in the same
+transaction as their result, so after a crash the next start knows which attempts were interrupted.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protocols import cbor
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    eid     INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind    TEXT NOT NULL,          -- 'evt' (kept until acked) or 'tel' (sheddable, not acked)
+    type    TEXT NOT NULL,          -- message type: step, result, tel
+    body    BLOB NOT NULL,          -- CBOR of the body's wire map, signed again when sent
+    size    INTEGER NOT NULL,
+    at_ms   INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    attempt TEXT PRIMARY KEY,
+    run     TEXT NOT NULL,
+    step    TEXT NOT NULL,
+    fence   INTEGER NOT NULL,
+    pgid    INTEGER,                -- process group of a shell step, killed after a crash
+    at_ms   INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS fences (
+    run     TEXT NOT NULL,
+    step    TEXT NOT NULL,
+    fence   INTEGER NOT NULL,
+    at_ms   INTEGER NOT NULL,
+    PRIMARY KEY (run, step)
+);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+"""
+MAX_FENCES = 10_000  # (run, step) fences remembered; older ones are pruned
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    eid: int
+    kind: str
+    type: str
+    body: dict[str, Any]
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunningAttempt:
+    attempt: str
+    run: str
+    step: str
+    fence: int
+    pgid: int | None
+
+
+class Outbox:
+    def __init__(self, path: Path, max_bytes: int = 16 * 1024 * 1024, reserve_bytes: int | None = None) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        # Assignments are refused once fewer than `reserve_bytes` remain, so the events of steps already accepted
+        # always have room (they are never dropped).
+        self.reserve_bytes = reserve_bytes if reserve_bytes is not None else max(4096, max_bytes // 8)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        elif version != SCHEMA_VERSION:
+            raise RuntimeError(f"outbox {self.path} has schema {version}; this agent reads {SCHEMA_VERSION}")
+        row = self._db.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM entries").fetchone()
+        self._bytes, self._count = int(row[0]), int(row[1])
+
+    # -- size and admission ----------------------------------------------------------------------------------------
+
+    @property
+    def used_bytes(self) -> int:
+        return self._bytes
+
+    def depth(self) -> int:
+        return self._count
+
+    def has_room_for_new_work(self) -> bool:
+        return self._bytes + self.reserve_bytes <= self.max_bytes
+
+    # -- entries ---------------------------------------------------------------------------------------------------
+
+    def add_event(self, type_name: str, body: dict[str, Any], at_ms: int, *,
+                  finish_attempt: str | None = None) -> int:
+        """Store a step event or result (never dropped). `finish_attempt` is removed from the running attempts in
+        the same transaction, so a crash leaves either both or neither."""
+        data = cbor.dumps(body)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if self._bytes + len(data) > self.max_bytes:
+                    self._shed_telemetry(self._bytes + len(data) - self.max_bytes)
+                eid = self._db.execute("INSERT INTO entries (kind, type, body, size, at_ms) VALUES ('evt', ?, ?, ?, ?)",
+                                       (type_name, data, len(data), at_ms)).lastrowid
+                if finish_attempt is not None:
+                    self._db.execute("DELETE FROM attempts WHERE attempt = ?", (finish_attempt,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._bytes += len(data)
+            self._count += 1
+            return int(eid)  # type: ignore[arg-type]
+
+    def add_telemetry(self, body: dict[str, Any], at_ms: int) -> bool:
+        """Keep a telemetry sample taken while offline; sheds the oldest samples when full. False if no room at all."""
+        data = cbor.dumps(body)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                # Telemetry may use the space above the reserve only: events keep their headroom.
+                limit = self.max_bytes - self.reserve_bytes
+                if self._bytes + len(data) > limit:
+                    self._shed_telemetry(self._bytes + len(data) - limit)
+                if self._bytes + len(data) > limit:
+                    self._bump("shed", 1)
+                    self._db.execute("COMMIT")
+                    return False
+                self._db.execute("INSERT INTO entries (kind, type, body, size, at_ms) VALUES ('tel', 'tel', ?, ?, ?)",
+                                 (data, len(data), at_ms))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._bytes += len(data)
+            self._count += 1
+            return True
+
+    def _shed_telemetry(self, need: int) -> None:
+        freed = shed = 0
+        for eid, size in self._db.execute("SELECT eid, size FROM entries WHERE kind = 'tel' ORDER BY eid").fetchall():
+            if freed >= need:
+                break
+            self._db.execute("DELETE FROM entries WHERE eid = ?", (eid,))
+            freed += size
+            shed += 1
+        if shed:
+            self._bump("shed", shed)
+            self._bytes -= freed
+            self._count -= shed
+
+    def _bump(self, name: str, by: int) -> None:
+        self._db.execute("INSERT INTO counters (name, value) VALUES (?, ?) "
+                         "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (name, by))
+
+    def counter(self, name: str) -> int:
+        row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def pending(self, after_eid: int = 0, limit: int = 500) -> list[Entry]:
+        """Entries after `after_eid`, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT eid, kind, type, body, at_ms FROM entries WHERE eid > ? ORDER BY eid LIMIT ?",
+                                    (after_eid, limit)).fetchall()
+        return [Entry(r[0], r[1], r[2], cbor.loads(r[3], "outbox entry"), r[4]) for r in rows]
+
+    def remove(self, eids: list[int] | tuple[int, ...]) -> int:
+        """Delete acknowledged (or sent telemetry) entries. Unknown eids are ignored: acks may repeat."""
+        if not eids:
+            return 0
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            removed = freed = 0
+            for eid in eids:
+                row = self._db.execute("SELECT size FROM entries WHERE eid = ?", (eid,)).fetchone()
+                if row is not None:
+                    self._db.execute("DELETE FROM entries WHERE eid = ?", (eid,))
+                    removed += 1
+                    freed += row[0]
+            self._db.execute("COMMIT")
+            self._bytes -= freed
+            self._count -= removed
+            return removed
+
+    # -- running attempts and fences -------------------------------------------------------------------------------
+
+    def start_attempt(self, attempt: RunningAttempt, at_ms: int) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO attempts (attempt, run, step, fence, pgid, at_ms) "
+                             "VALUES (?, ?, ?, ?, ?, ?)",
+                             (attempt.attempt, attempt.run, attempt.step, attempt.fence, attempt.pgid, at_ms))
+
+    def set_pgid(self, attempt: str, pgid: int | None) -> None:
+        with self._lock:
+            self._db.execute("UPDATE attempts SET pgid = ? WHERE attempt = ?", (pgid, attempt))
+
+    def running_attempts(self) -> list[RunningAttempt]:
+        rows = self._db.execute("SELECT attempt, run, step, fence, pgid FROM attempts ORDER BY at_ms").fetchall()
+        return [RunningAttempt(*row) for row in rows]
+
+    def fence(self, run: str, step: str) -> int:
+        row = self._db.execute("SELECT fence FROM fences WHERE run = ? AND step = ?", (run, step)).fetchone()
+        return int(row[0]) if row else -1
+
+    def raise_fence(self, run: str, step: str, fence: int, at_ms: int) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO fences (run, step, fence, at_ms) VALUES (?, ?, ?, ?) "
+                             "ON CONFLICT(run, step) DO UPDATE SET fence = MAX(fence, excluded.fence), "
+                             "at_ms = excluded.at_ms", (run, step, fence, at_ms))
+            if self._db.total_changes % 1000 == 0:
+                self._db.execute("DELETE FROM fences WHERE rowid IN (SELECT rowid FROM fences ORDER BY at_ms DESC "
+                                 "LIMIT -1 OFFSET ?)", (MAX_FENCES,))
+
+    def save_state(self, name: str, value: Any) -> None:
+        """Small durable values that change often (the hub's replay window): cheaper here than in TinyDB."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO state (name, value) VALUES (?, ?)", (name, cbor.dumps(value)))
+
+    def load_state(self, name: str) -> Any:
+        row = self._db.execute("SELECT value FROM state WHERE name = ?", (name,)).fetchone()
+        return cbor.loads(row[0], f"outbox state {name}") if row else None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(self.pending(0, 1_000_000))

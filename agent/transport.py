@@ -1,0 +1,122 @@
+"""The transport boundary: plain (topic, payload) in and out, like httpx's transports.
+
+`MqttTransport` (aiomqtt) is the real one. Agent code only sees `Session`, so a simulator or a test can run the real
+agent over another transport.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import aiomqtt
+
+
+class TransportError(Exception):
+    """The connection failed or was lost; the caller reconnects with backoff."""
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+
+class Session(Protocol):
+    async def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None: ...
+
+    async def subscribe(self, topic_filter: str, qos: int = 1) -> None: ...
+
+    def messages(self) -> AsyncIterator[tuple[str, bytes]]: ...
+
+
+class Transport(Protocol):
+    def connect(self, client_id: str, will: Will | None) -> contextlib.AbstractAsyncContextManager[Session]: ...
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    url: str
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive: int = 30
+
+    def parsed(self) -> tuple[str, int, bool]:
+        """(host, port, tls) from mqtt://HOST:PORT or mqtts://HOST:PORT."""
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError(f"broker URL {self.url!r}: scheme must be mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise ValueError(f"broker URL {self.url!r} has no host")
+        tls = parts.scheme in ("mqtts", "ssl")
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError:
+            raise ValueError(f"broker URL {self.url!r} has an invalid port") from None
+        return parts.hostname, port, tls
+
+
+class _MqttSession:
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self._client = client
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+        try:
+            await self._client.publish(topic, payload, qos=qos, retain=retain)
+        except aiomqtt.MqttError as exc:
+            raise TransportError(str(exc)) from exc
+
+    async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        try:
+            await self._client.subscribe(topic_filter, qos=qos)
+        except aiomqtt.MqttError as exc:
+            raise TransportError(str(exc)) from exc
+
+    async def messages(self) -> AsyncIterator[tuple[str, bytes]]:
+        try:
+            async for message in self._client.messages:
+                payload = message.payload
+                yield str(message.topic), payload if isinstance(payload, bytes) else bytes(str(payload), "utf-8")
+        except aiomqtt.MqttError as exc:
+            raise TransportError(str(exc)) from exc
+
+
+class MqttTransport:
+    def __init__(self, settings: BrokerSettings) -> None:
+        self.settings = settings
+        self.host, self.port, self.tls = settings.parsed()
+
+    @contextlib.asynccontextmanager
+    async def connect(self, client_id: str, will: Will | None) -> AsyncIterator[Session]:
+        s = self.settings
+        tls_context = None
+        if self.tls:
+            tls_context = ssl.create_default_context(cafile=s.ca_file)
+            if s.cert_file:
+                tls_context.load_cert_chain(s.cert_file, s.key_file)
+        client = aiomqtt.Client(
+            self.host, self.port, identifier=client_id, username=s.username, password=s.password,
+            will=aiomqtt.Will(will.topic, will.payload, will.qos, will.retain) if will else None,
+            keepalive=s.keepalive, tls_context=tls_context, clean_session=True, max_queued_incoming_messages=10_000,
+            max_inflight_messages=100,
+            # Small messages each way: Nagle plus delayed ACKs would add tens of ms per round trip.
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        try:
+            await client.__aenter__()
+        except aiomqtt.MqttError as exc:
+            raise TransportError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+        try:
+            yield _MqttSession(client)
+        finally:
+            with contextlib.suppress(aiomqtt.MqttError, OSError, RuntimeError):
+                await client.__aexit__(None, None, None)

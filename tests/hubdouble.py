@@ -1,0 +1,189 @@
+"""A test double of the hub, built on protocols/: it verifies what agents send and sends signed commands.
+
+It accepts enrollments, acknowledges events and results (both switchable), publishes its retained state, and keeps
+every verified message and every refusal so tests can wait for them. Also: helpers to run real agent processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import nacl.signing
+
+from protocols import (HUB_ID, Ack, Body, HubState, Keyring, Message, ProtocolError, Receiver, Signer, StepEvent,
+                       StepResult)
+from tests.brokers import HOST, Broker
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class Seen:
+    topic: str
+    message: Message
+    at: float = field(default_factory=time.monotonic)
+
+
+class HubDouble:
+    def __init__(self, broker: Broker, fleet: str, key: nacl.signing.SigningKey | None = None,
+                 auto_accept: bool = True, auto_ack: bool = True) -> None:
+        self.broker, self.fleet = broker, fleet
+        self.key = key or nacl.signing.SigningKey.generate()
+        self.signer = Signer(self.key, fleet, HUB_ID, boot=1)
+        self.receiver = Receiver(fleet, Keyring())
+        self.auto_accept, self.auto_ack = auto_accept, auto_ack
+        self.seen: list[Seen] = []
+        self.refused: collections.Counter[str] = collections.Counter()
+        self._changed = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def public_key_hex(self) -> str:
+        return bytes(self.key.verify_key).hex()
+
+    async def __aenter__(self) -> HubDouble:
+        self._client = aiomqtt.Client(HOST, self.broker.port, identifier=f"hubdouble-{self.fleet}")
+        await self._client.__aenter__()
+        await self._client.subscribe(f"fleetflow/v1/{self.fleet}/node/+/+", qos=1)
+        state = self.signer.seal(HubState(True, bytes(self.key.verify_key), "test"), now_ms())
+        await self._client.publish(state.topic, state.payload, qos=1, retain=True)
+        self._task = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._client:
+            try:
+                await self._client.publish(f"fleetflow/v1/{self.fleet}/hub/state", b"", qos=1, retain=True)
+            except aiomqtt.MqttError:
+                pass
+            await self._client.__aexit__(None, None, None)
+
+    async def _read(self) -> None:
+        assert self._client is not None
+        async for raw in self._client.messages:
+            topic = str(raw.topic)
+            if topic.endswith("/cmd"):
+                continue
+            try:
+                message = self.receiver.receive(topic, bytes(raw.payload), now_ms())  # type: ignore[arg-type]
+            except ProtocolError as exc:
+                self.refused[exc.reason] += 1
+                self._changed.set()
+                continue
+            self.seen.append(Seen(topic, message))
+            body = message.body
+            node = message.header.src
+            if message.header.type == "enroll" and self.auto_accept:
+                self.receiver.keyring.add(node, body.key)  # type: ignore[attr-defined]
+                await self.send(node, Ack((), "accepted"))
+            elif isinstance(body, (StepEvent, StepResult)) and self.auto_ack:
+                await self.send(node, Ack((body.eid,)))
+            self._changed.set()
+
+    async def send(self, node: str, body: Body, ttl_ms: int = 30_000) -> Any:
+        assert self._client is not None
+        out = self.signer.seal(body, now_ms(), dst=node, ttl_ms=ttl_ms)
+        await self._client.publish(out.topic, out.payload, qos=1)
+        return out
+
+    async def publish_raw(self, topic: str, payload: bytes) -> None:
+        assert self._client is not None
+        await self._client.publish(topic, payload, qos=1)
+
+    def of(self, kind: str, node: str | None = None) -> list[Message]:
+        return [s.message for s in self.seen
+                if s.message.header.type == kind and (node is None or s.message.header.src == node)]
+
+    async def wait_for(self, predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+        """Wait until predicate() is truthy (re-checked on every message and at least every 0.2 s)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}; refused so far: "
+                                     f"{dict(self.refused)}; seen: {[s.message.header.type for s in self.seen][-30:]}")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(0.2, remaining))
+            except asyncio.TimeoutError:
+                pass
+
+    def results(self, node: str | None = None) -> list[StepResult]:
+        return [m.body for m in self.of("result", node)]  # type: ignore[misc]
+
+    def events(self, node: str | None = None, event: str | None = None) -> list[StepEvent]:
+        return [m.body for m in self.of("step", node)  # type: ignore[misc]
+                if event is None or m.body.event == event]  # type: ignore[attr-defined]
+
+
+@dataclass
+class AgentProcess:
+    """A real `fleetflow agent run` process."""
+
+    broker: Broker
+    fleet: str
+    node_id: str
+    data: Path
+    hub_key: str | None
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AgentProcess:
+        exe = Path(sys.executable).parent / "fleetflow"
+        cmd = [str(exe), "agent", "run", "--broker", self.broker.url, "--fleet", self.fleet, "--node-id", self.node_id,
+               "--data", str(self.data), "--log-level", "debug", *self.args]
+        if self.hub_key:
+            cmd += ["--hub-key", self.hub_key]
+        self.data.mkdir(parents=True, exist_ok=True)
+        with open(self.data.parent / f"{self.node_id}.log", "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **self.env}, start_new_session=True)
+        return self
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    async def wait_exit(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"agent {self.node_id} still running after {timeout} s")
+            await asyncio.sleep(0.05)
+        return self.proc.returncode
+
+    def log(self) -> str:
+        path = self.data.parent / f"{self.node_id}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
