@@ -78,7 +78,10 @@ class Agent:
         self.clock_ms = clock_ms
         self.identity = Identity.open(config.data, config.node_id, config.fleet)
         self.profile: Profile = load_profile(config.profile, config.profiles_dir)
-        self.outbox = Outbox(config.data / "outbox.sqlite", config.outbox_max_bytes)
+        slots = config.max_concurrent or self.profile.max_concurrent
+        # Room kept for the largest result of every slot: accepted work can always report.
+        self.outbox = Outbox(config.data / "outbox.sqlite", config.outbox_max_bytes,
+                             reserve_bytes=slots * (config.max_step_bytes + 1024))
         self.transport = transport or MqttTransport(config.broker_settings())
         self.telemetry = telemetry or PsutilSource(str(config.data))
         hb, tel = self.identity.intervals()
@@ -87,8 +90,7 @@ class Agent:
         policy = ExecutorPolicy(shell=config.shell, shell_allow=config.shell_allow, python=config.python,
                                 python_allow=config.python_allow, extra=dict(extra_executors or {}))
         executors, disabled = build_executors(policy)
-        self.runner = Runner(self.outbox, executors, disabled, config.max_concurrent or self.profile.max_concurrent,
-                             clock_ms, self._wake_flusher, config.max_step_bytes, speed)
+        self.runner = Runner(self.outbox, executors, disabled, slots, clock_ms, self._wake_flusher, config.max_step_bytes, speed)
         self.signer = Signer(self.identity.key, config.fleet, config.node_id, boot=self.identity.boot)
         self.hub_key = self._choose_hub_key()
         keyring = Keyring([(HUB_ID, self.hub_key)] if self.hub_key else [])
@@ -300,7 +302,7 @@ class Agent:
             metrics = self.telemetry.sample()
             at = self.clock_ms()
             session = self.session
-            if session is not None and self.outbox.depth() == 0:
+            if session is not None:
                 try:
                     await self._publish(session, self.signer.seal(Telemetry(metrics), at), qos=0)
                     continue

@@ -73,7 +73,7 @@ class Outbox:
         self.max_bytes = max_bytes
         # Assignments are refused once fewer than `reserve_bytes` remain, so the events of steps already accepted
         # always have room (they are never dropped).
-        self.reserve_bytes = reserve_bytes if reserve_bytes is not None else max(4096, max_bytes // 8)
+        self.reserve_bytes = min(max_bytes // 2, reserve_bytes if reserve_bytes is not None else max_bytes // 8)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")

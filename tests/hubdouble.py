@@ -39,10 +39,11 @@ class Seen:
 
 class HubDouble:
     def __init__(self, broker: Broker, fleet: str, key: nacl.signing.SigningKey | None = None,
-                 auto_accept: bool = True, auto_ack: bool = True) -> None:
+                 auto_accept: bool = True, auto_ack: bool = True, boot: int = 1) -> None:
         self.broker, self.fleet = broker, fleet
         self.key = key or nacl.signing.SigningKey.generate()
-        self.signer = Signer(self.key, fleet, HUB_ID, boot=1)
+        # A restarted hub must use a newer boot, or the agents' persisted replay windows refuse it.
+        self.signer = Signer(self.key, fleet, HUB_ID, boot=boot)
         self.receiver = Receiver(fleet, Keyring())
         self.auto_accept, self.auto_ack = auto_accept, auto_ack
         self.seen: list[Seen] = []
