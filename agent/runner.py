@@ -31,6 +31,7 @@ class _Running:
     ref: AttemptRef
     task: asyncio.Task[None] | None = None
     cancel_reason: str | None = None
+    reported: bool = False  # its outcome (result or cancelled event) is in the outbox
 
 
 @dataclass
@@ -103,7 +104,16 @@ class Runner:
         entry = self.running[cmd.attempt] = _Running(ref)
         self._event(ref, "accepted")
         entry.task = asyncio.get_running_loop().create_task(self._execute(entry, cmd), name=f"attempt {cmd.attempt}")
+        entry.task.add_done_callback(lambda task: self._finished(entry))
         return None
+
+    def _finished(self, entry: _Running) -> None:
+        # A task cancelled before its first step never runs its body, so the outcome is reported here.
+        self.running.pop(entry.ref.attempt, None)
+        if not entry.reported:
+            entry.reported = True
+            self._event(entry.ref, "cancelled", entry.cancel_reason or "cancelled", finish=True)
+            self._remember_done(entry.ref.attempt)
 
     def _refusal(self, cmd: Assign) -> str | None:
         if self.draining:
@@ -112,7 +122,10 @@ class Runner:
             return "stale-fence"
         if cmd.uses not in self.executors:
             return "executor-disabled" if cmd.uses in self.disabled else "unknown-executor"
-        if len(self.running) >= self.slots:
+        # An older attempt of the same step is about to be cancelled: its slot counts as free.
+        superseded = sum(1 for r in self.running.values()
+                         if (r.ref.run, r.ref.step) == (cmd.run, cmd.step) and r.ref.fence < cmd.fence)
+        if len(self.running) - superseded >= self.slots:
             return "busy"
         if not self.outbox.has_room_for_new_work():
             return "outbox-full"
@@ -143,24 +156,22 @@ class Runner:
         ref = entry.ref
         ctx = StepContext(ref.run, ref.step, ref.attempt, ref.fence, cmd.timeout,
                           on_process_group=lambda pgid: self.outbox.set_pgid(ref.attempt, pgid), speed=self.speed)
+        self._event(ref, "started")
         try:
-            self._event(ref, "started")
-            try:
-                output = await asyncio.wait_for(self.executors[cmd.uses](dict(cmd.with_), ctx), cmd.timeout)
-            except asyncio.TimeoutError:
-                self._result(ref, False, {}, f"timed out after {cmd.timeout:g} s")
-            except StepFailed as exc:
-                self._result(ref, False, {}, str(exc) or "failed")
-            except asyncio.CancelledError:
-                self._event(ref, "cancelled", entry.cancel_reason or "cancelled", finish=True)
-                self._remember_done(ref.attempt)
-            except Exception as exc:  # a bug in an executor fails the step, never the agent
-                log.exception("executor %s crashed on attempt %s", cmd.uses, ref.attempt)
-                self._result(ref, False, {}, f"executor error: {type(exc).__name__}: {exc}")
-            else:
-                self._result(ref, True, output if isinstance(output, dict) else {"value": output}, None)
-        finally:
-            self.running.pop(ref.attempt, None)
+            output = await asyncio.wait_for(self.executors[cmd.uses](dict(cmd.with_), ctx), cmd.timeout)
+        except asyncio.TimeoutError:
+            outcome: tuple[bool, dict[str, Any], str | None] = (False, {}, f"timed out after {cmd.timeout:g} s")
+        except StepFailed as exc:
+            outcome = (False, {}, str(exc) or "failed")
+        except asyncio.CancelledError:
+            return  # _finished reports it
+        except Exception as exc:  # a bug in an executor fails the step, never the agent
+            log.exception("executor %s crashed on attempt %s", cmd.uses, ref.attempt)
+            outcome = (False, {}, f"executor error: {type(exc).__name__}: {exc}")
+        else:
+            outcome = (True, output if isinstance(output, dict) else {"value": output}, None)
+        entry.reported = True
+        self._result(ref, *outcome)
 
     async def drain_and_stop(self, grace: float) -> None:
         """Shutdown: take no new work, let running steps finish within `grace` seconds, then cancel the rest."""

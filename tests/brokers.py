@@ -5,6 +5,7 @@ Never a fixed port, never a broker someone else started. Every wait is bounded.
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
@@ -81,7 +82,8 @@ class Broker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.kind == "mosquitto":
             conf = self.workdir / "mosquitto.conf"
-            lines = [f"listener {self.port} {HOST}", "persistence false", "log_dest stderr", "log_type error",
+            # Started as root, Mosquitto drops to its own user and could not read our 0600 files.
+            lines = [f"user {getpass.getuser()}", f"listener {self.port} {HOST}", "persistence false", "log_dest stderr", "log_type error",
                      "log_type warning", "set_tcp_nodelay true", "max_keepalive 3600"]
             if self.username is not None:
                 pw = self.workdir / "passwd"
