@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
-import signal
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .config import AgentConfig, ConfigError, load_config
+from .config import ConfigError, load_config
+from .daemon import exec_daemon
 from .identity import Identity, IdentityError
 from .keys import KeyFileError
-from .profiles import ProfileError
 
 agent_app = typer.Typer(help="Run the device agent and show its identity.", no_args_is_help=True)
 
@@ -55,31 +51,9 @@ def agent_run(
         settings = load_config({k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()}, config)
     except ConfigError as exc:
         _fail(str(exc))
-    level = getattr(logging, log_level.upper(), None)
-    if not isinstance(level, int):
+    if log_level.lower() not in ("debug", "info", "warning", "error"):
         _fail(f"--log-level {log_level!r}: use debug, info, warning or error")
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    code = run_agent(settings)
-    raise typer.Exit(code)
-
-
-def run_agent(settings: AgentConfig) -> int:
-    from .node import Agent
-
-    async def main() -> int:
-        try:
-            agent = Agent(settings)
-        except (IdentityError, KeyFileError, ProfileError, ConfigError) as exc:
-            typer.echo(f"error: {exc}", err=True)
-            return 2
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, agent.stop)
-        await agent.run()
-        return 0
-
-    return asyncio.run(main())
+    exec_daemon(settings, log_level)
 
 
 @agent_app.command("identity")

@@ -188,3 +188,13 @@ def test_cancel_ignores_other_fences(tmp_path: Path) -> None:
         await asyncio.sleep(0.05)
 
     asyncio.run(scenario())
+
+
+def test_shipped_config_example_loads(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[2] / "agent" / "install" / "agent.toml.example"
+    # the example points at /etc/fleetflow/hub.pub, which a test machine does not have: give the key inline
+    text = example.read_text().replace('"/etc/fleetflow/hub.pub"', '"' + "ab" * 32 + '"')
+    copy = tmp_path / "agent.toml"
+    copy.write_text(text)
+    config = load_config({}, copy, {})
+    assert config.profile == "rpi4" and config.labels == {"line": "2", "site": "north"} and not config.shell
