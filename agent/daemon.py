@@ -53,7 +53,9 @@ def exec_daemon(config: AgentConfig, log_level: str) -> None:
     os.set_inheritable(read_end, True)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "agent.daemon", str(read_end), log_level])
+    # The last argument only names the node for `ps` and operators; settings come through the pipe.
+    os.execv(sys.executable, [sys.executable, "-m", "agent.daemon", str(read_end), log_level,
+                              f"node={config.fleet}/{config.node_id}"])
 
 
 def run_agent(settings: AgentConfig) -> int:
@@ -78,8 +80,8 @@ def run_agent(settings: AgentConfig) -> int:
 
 
 def main() -> None:
-    if len(sys.argv) != 3:
-        print("usage: python -m agent.daemon SETTINGS_FD LOG_LEVEL (started by `fleetflow agent run`)",
+    if len(sys.argv) not in (3, 4):
+        print("usage: python -m agent.daemon SETTINGS_FD LOG_LEVEL [node=FLEET/ID] (started by `fleetflow agent run`)",
               file=sys.stderr)
         sys.exit(2)
     fd = int(sys.argv[1])

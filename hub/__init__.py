@@ -1,1 +1,6 @@
-"""The fleetflow hub (issue 5): durable workflow state, placement, failure detection. Not built yet."""
+"""The fleetflow hub: durable workflow state (event journal), placement, failure detection, HTTP API.
+
+The pure core (`state.Core`, `scheduler`, `workflow`, `conditions`) does no I/O; `service.Hub` is the shell.
+"""
+
+__version__ = "0.1.0"

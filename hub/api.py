@@ -1,0 +1,197 @@
+"""The hub's HTTP API (FastAPI, served by uvicorn inside the hub's event loop). Every route needs the bearer token
+written to DATA/api.token. OpenAPI is served at /openapi.json and /docs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from . import __version__
+from .service import OperatorError
+from .state import Core, Run
+from .workflow import WorkflowError, load_workflow_text, workflow_from_data
+
+if TYPE_CHECKING:
+    from .service import Hub
+
+
+class SubmitRun(BaseModel):
+    workflow: str | dict[str, Any] = Field(description="the workflow as YAML text or as an object")
+    inputs: dict[str, Any] = Field(default_factory=dict)
+
+
+class Reason(BaseModel):
+    reason: str = ""
+
+
+class Drain(BaseModel):
+    on: bool = True
+
+
+class AddNode(BaseModel):
+    id: str
+    public_key: str = Field(description="Ed25519 public key, 64 hex characters")
+
+
+def run_summary(run: Run) -> dict[str, Any]:
+    return {"id": run.id, "workflow": run.workflow.name, "version": run.workflow.version, "state": run.state,
+            "submitted_at": run.submitted_at, "finished_at": run.finished_at, "error": run.error}
+
+
+def run_detail(core: Core, run: Run) -> dict[str, Any]:
+    steps = []
+    for step in run.steps.values():
+        attempts = [{"id": a.id, "node": a.node, "fence": a.fence, "state": a.state, "reason": a.reason}
+                    for a in (core.attempts[i] for i in step.attempts)]
+        steps.append({"id": step.id, "kind": step.kind, "state": step.state, "attempts": attempts,
+                      "output": step.output, "error": step.error})
+    return {**run_summary(run), "inputs": run.inputs, "deadline": run.deadline, "steps": steps}
+
+
+def node_view(hub: Hub, node_id: str) -> dict[str, Any]:
+    node = hub.core.nodes.get(node_id)
+    enrolled = hub.registry.get(node_id)
+    view = hub.views.get(node_id)
+    out: dict[str, Any] = {"id": node_id, "liveness": node.state if node else "unknown",
+                           "health": node.health if node else "unknown",
+                           "enrollment": enrolled["state"] if enrolled else "unknown",
+                           "labels": dict(node.labels) if node else dict((enrolled or {}).get("labels", {})),
+                           "profile": node.profile if node else (enrolled or {}).get("profile", "")}
+    if node is not None:
+        out.update(boot=node.boot, slots=node.slots, running=sorted(node.attempts), draining=node.draining,
+                   caps=sorted(node.caps), resources=node.resources, last_seen=node.last_seen,
+                   changed_at=node.changed_at)
+    if view is not None:
+        out["telemetry"] = view.telemetry
+        if view.heartbeat is not None:
+            out["heartbeat"] = {"running": view.heartbeat.running, "free": view.heartbeat.free,
+                                "outbox": view.heartbeat.outbox, "shed": view.heartbeat.shed,
+                                "rejected": view.heartbeat.rejected}
+    if enrolled is not None:
+        out["key"] = enrolled["key"]
+    return out
+
+
+def create_app(hub: Hub) -> FastAPI:
+    app = FastAPI(title="fleetflow hub", version=__version__)
+
+    def auth(authorization: str = Header(default="")) -> None:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token or not hub.check_token(token):
+            raise HTTPException(401, "missing or wrong bearer token (see DATA/api.token)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    guarded = [Depends(auth)]
+
+    @app.exception_handler(OperatorError)
+    async def operator_error(request: Request, exc: OperatorError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.get("/health", dependencies=guarded)
+    async def health() -> dict[str, Any]:
+        core = hub.core
+        return {"status": "ok", "fleet": hub.config.fleet, "boot": hub.signer.boot, "connected": hub.session is not None,
+                "journal_seq": hub.journal.last_seq, "nodes": len(core.nodes), "active_runs": len(core.active),
+                "queue": len(core.queue), "version": __version__}
+
+    @app.post("/runs", dependencies=guarded, status_code=201)
+    async def submit(body: SubmitRun, idempotency_key: str | None = Header(default=None)) -> dict[str, Any]:
+        try:
+            workflow = (load_workflow_text(body.workflow, "workflow") if isinstance(body.workflow, str)
+                        else workflow_from_data(body.workflow, "workflow"))
+        except WorkflowError as exc:
+            raise HTTPException(422, str(exc)) from None
+        run_id, created = await hub.submit(workflow, body.inputs, idempotency_key)
+        return {"id": run_id, "created": created}
+
+    @app.get("/runs", dependencies=guarded)
+    async def list_runs(state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        runs = sorted(hub.core.runs.values(), key=lambda r: r.seq, reverse=True)
+        return [run_summary(r) for r in runs if state is None or r.state == state][:limit]
+
+    @app.get("/runs/{run_id}", dependencies=guarded)
+    async def show_run(run_id: str) -> dict[str, Any]:
+        run = hub.core.runs.get(run_id)
+        if run is None:
+            raise HTTPException(404, f"no run {run_id!r}")
+        return run_detail(hub.core, run)
+
+    @app.post("/runs/{run_id}/cancel", dependencies=guarded)
+    async def cancel(run_id: str, body: Reason | None = None) -> dict[str, Any]:
+        await hub.cancel_run(run_id, (body.reason if body else "") or "cancelled by an operator", False)
+        return run_summary(hub.core.runs[run_id])
+
+    @app.post("/runs/{run_id}/fail", dependencies=guarded)
+    async def force_fail(run_id: str, body: Reason | None = None) -> dict[str, Any]:
+        await hub.cancel_run(run_id, (body.reason if body else "") or "failed by an operator", True)
+        return run_summary(hub.core.runs[run_id])
+
+    @app.get("/nodes", dependencies=guarded)
+    async def list_nodes() -> list[dict[str, Any]]:
+        ids = sorted(set(hub.core.nodes) | {d["id"] for d in hub.registry.all()})
+        return [node_view(hub, i) for i in ids]
+
+    @app.get("/nodes/{node_id}", dependencies=guarded)
+    async def show_node(node_id: str) -> dict[str, Any]:
+        if node_id not in hub.core.nodes and hub.registry.get(node_id) is None:
+            raise HTTPException(404, f"no node {node_id!r}")
+        return node_view(hub, node_id)
+
+    @app.post("/nodes", dependencies=guarded, status_code=201)
+    async def add_node(body: AddNode) -> dict[str, Any]:
+        try:
+            key = bytes.fromhex(body.public_key)
+        except ValueError:
+            raise HTTPException(422, "public_key must be 64 hex characters") from None
+        return await hub.add_node(body.id, key)
+
+    for action in ("accept", "reject", "revoke"):
+        def route(action: str = action) -> Any:
+            async def act(node_id: str) -> dict[str, Any]:
+                return await hub.node_action(node_id, action)
+            return act
+        app.post(f"/nodes/{{node_id}}/{action}", dependencies=guarded, name=f"{action}_node")(route())
+
+    @app.post("/nodes/{node_id}/drain", dependencies=guarded)
+    async def drain(node_id: str, body: Drain | None = None) -> dict[str, Any]:
+        return await hub.node_action(node_id, "drain", body.on if body else True)
+
+    @app.get("/metrics", dependencies=guarded)
+    async def metrics() -> Response:
+        return Response(hub.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(hub: Hub) -> None:
+    sock = bind(hub.config.api_host, hub.config.api_port)
+    host, port = sock.getsockname()[:2]
+    hub.api_url = f"http://{host}:{port}"
+    hub._set_meta(api=hub.api_url)  # clients given --data find the API here
+    config = uvicorn.Config(create_app(hub), log_level="warning", lifespan="off", access_log=False)
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # the hub owns signals
+    try:
+        await server.serve(sockets=[sock])
+    except asyncio.CancelledError:
+        server.should_exit = True
+        raise
+
+

@@ -1,0 +1,171 @@
+"""Journaled events. Facts record what arrived (messages, operator requests); decisions record what the core chose
+(placements, lost attempts, liveness changes, timeouts). Replaying the journal applies both and never decides again,
+so the same journal always gives the same state.
+
+Every event carries `at`, the hub clock in ms when it happened: the reducer reads time only from events.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    KIND: ClassVar[str] = "event"
+    at: int
+
+
+# -- facts ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class RunSubmitted(Event):
+    KIND: ClassVar[str] = "run_submitted"
+    run: str = ""
+    spec: dict[str, Any] = field(default_factory=dict)   # the workflow as validated data (by alias)
+    inputs: dict[str, Any] = field(default_factory=dict)
+    key: str | None = None                                # idempotency key
+    deadline: int = 0                                     # ms
+
+
+@dataclass(frozen=True, slots=True)
+class RunCancelRequested(Event):
+    KIND: ClassVar[str] = "run_cancel_requested"
+    run: str = ""
+    reason: str = ""
+    force_fail: bool = False                              # operator force-fail: failed instead of cancelled
+
+
+@dataclass(frozen=True, slots=True)
+class NodeBorn(Event):
+    KIND: ClassVar[str] = "node_born"
+    node: str = ""
+    boot: int = 0
+    profile: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    caps: tuple[str, ...] = ()
+    slots: int = 1
+    resources: dict[str, float] = field(default_factory=dict)
+    running: tuple[tuple[str, str, str, int], ...] = ()   # (run, step, attempt, fence) the node still holds
+    hb: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSeen(Event):
+    """A suspected node was heard from again (only journaled when it changes liveness)."""
+
+    KIND: ClassVar[str] = "node_seen"
+    node: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeDied(Event):
+    KIND: ClassVar[str] = "node_died"
+    node: str = ""
+    boot: int = 0
+    reason: str = "lost"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeDrainSet(Event):
+    KIND: ClassVar[str] = "node_drain_set"
+    node: str = ""
+    on: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRemoved(Event):
+    """Revoked or rejected by an operator: its attempts are lost and it gets no more work."""
+
+    KIND: ClassVar[str] = "node_removed"
+    node: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StepReported(Event):
+    KIND: ClassVar[str] = "step_reported"
+    node: str = ""
+    attempt: str = ""
+    fence: int = 0
+    event: str = ""                                       # accepted, started, progress, refused, cancelled
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResultReported(Event):
+    KIND: ClassVar[str] = "result_reported"
+    node: str = ""
+    attempt: str = ""
+    fence: int = 0
+    ok: bool = False
+    output: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayMarks(Event):
+    """The hub's per-sender replay windows, journaled periodically so a restart keeps refusing old messages."""
+
+    KIND: ClassVar[str] = "replay_marks"
+    windows: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+# -- decisions -----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class AttemptAssigned(Event):
+    KIND: ClassVar[str] = "attempt_assigned"
+    run: str = ""
+    step: str = ""
+    attempt: str = ""
+    fence: int = 0
+    node: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptLost(Event):
+    KIND: ClassVar[str] = "attempt_lost"
+    attempt: str = ""
+    reason: str = ""
+    counts: bool = True                                   # does it use up one of the step's attempts?
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSuspected(Event):
+    KIND: ClassVar[str] = "node_suspected"
+    node: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeFailed(Event):
+    KIND: ClassVar[str] = "node_failed"
+    node: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RunTimedOut(Event):
+    KIND: ClassVar[str] = "run_timed_out"
+    run: str = ""
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.KIND: cls for cls in (RunSubmitted, RunCancelRequested, NodeBorn, NodeSeen, NodeDied, NodeDrainSet,
+                              NodeRemoved, StepReported, ResultReported, ReplayMarks, AttemptAssigned, AttemptLost,
+                              NodeSuspected, NodeFailed, RunTimedOut)
+}
+
+
+def to_record(event: Event) -> tuple[str, dict[str, Any]]:
+    return event.KIND, {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
+
+
+def from_record(kind: str, data: dict[str, Any]) -> Event:
+    cls = EVENT_TYPES[kind]
+    if cls is NodeBorn:
+        data = {**data, "caps": tuple(data.get("caps", ())),
+                "running": tuple(tuple(r) for r in data.get("running", ()))}
+    return cls(**data)

@@ -1,0 +1,61 @@
+"""Prometheus metrics for the hub (prometheus-client, a registry of its own so tests can run several hubs)."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .service import Hub
+
+
+class _StateCollector(Collector):
+    """Nodes and runs by state, read from the core at scrape time (no bookkeeping on the hot path)."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        core = self.hub.core
+        nodes = GaugeMetricFamily("fleetflow_nodes", "Nodes by liveness", labels=["state"])
+        for state, count in sorted(collections.Counter(n.state for n in core.nodes.values()).items()):
+            nodes.add_metric([state], count)
+        yield nodes
+        runs = GaugeMetricFamily("fleetflow_runs", "Runs by state", labels=["state"])
+        for state, count in sorted(collections.Counter(r.state for r in core.runs.values()).items()):
+            runs.add_metric([state], count)
+        yield runs
+        queue = GaugeMetricFamily("fleetflow_queue_steps", "Steps waiting for placement")
+        queue.add_metric([], len(core.queue))
+        yield queue
+        stale = GaugeMetricFamily("fleetflow_stale_reports", "Reports from attempts the hub had moved on from")
+        stale.add_metric([], core.counters.stale_reports)
+        yield stale
+
+
+class HubMetrics:
+    def __init__(self, hub: Hub) -> None:
+        self.registry = CollectorRegistry()
+        self.messages = Counter("fleetflow_messages", "Messages received, by type and verdict", ["type", "verdict"],
+                                registry=self.registry)
+        self.rejected = Counter("fleetflow_rejected", "Messages refused, by reason", ["reason"],
+                                registry=self.registry)
+        self.decisions = Counter("fleetflow_decisions", "Core decisions, by kind", ["kind"], registry=self.registry)
+        self.step_latency = Histogram("fleetflow_step_seconds", "Step run time, started to result",
+                                      registry=self.registry,
+                                      buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+        self.journal_commit = Histogram("fleetflow_journal_commit_seconds", "Journal group commit latency",
+                                        registry=self.registry,
+                                        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
+        self.registry.register(_StateCollector(hub))
+
+    def count_decision(self, event: Any) -> None:
+        self.decisions.labels(event.KIND).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

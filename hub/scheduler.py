@@ -1,0 +1,111 @@
+"""Placement: filter the nodes that can run a step, then score them. Pure and deterministic (ties break by node id).
+
+Filter: online, not draining or removed, healthy enough, the step's executor enabled, its selector matched, free
+slots, its resources within what the node announced minus what its running attempts hold, affinity and
+anti-affinity, and not a node that just refused it. Score: `spread` prefers the least loaded node, `bin-pack` the
+most loaded one that still fits. The queue is served by priority (higher first), then deadline, then arrival.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .events import AttemptAssigned
+
+if TYPE_CHECKING:
+    from .state import Core, Node, Run, StepRun
+
+PLACEABLE_HEALTH = frozenset({"healthy", "degraded"})
+
+
+def eligible(core: Core, node: Node) -> bool:
+    return (node.state == "online" and not node.draining and not node.removed and node.health in PLACEABLE_HEALTH)
+
+
+def _used(core: Core, node: Node) -> dict[str, float]:
+    used = {"cores": 0.0, "memory_mb": 0.0, "disk_gb": 0.0}
+    for attempt_id in node.attempts:
+        attempt = core.attempts[attempt_id]
+        res = core.runs[attempt.run].steps[attempt.step].spec.resources
+        used["cores"] += res.cores
+        used["memory_mb"] += res.memory_mb
+        used["disk_gb"] += res.disk_gb
+    return used
+
+
+def fits(step: StepRun, node: Node, used: dict[str, float]) -> bool:
+    res = step.spec.resources
+    for name, need in (("cores", res.cores), ("memory_mb", res.memory_mb), ("disk_gb", res.disk_gb)):
+        if need and name in node.resources and used[name] + need > node.resources[name]:
+            return False
+    return True
+
+
+def candidates_for(core: Core, run: Run, step: StepRun, nodes: list[Node], free: dict[str, int],
+                   used: dict[str, dict[str, float]], now: int) -> list[Node]:
+    spec = step.spec
+    placement = spec.placement
+    selector = placement.selector
+    affinity_node = None
+    if placement.affinity:
+        other = run.steps.get(placement.affinity)
+        target = core.nodes.get(other.node) if other is not None and other.node else None
+        if target is not None and target.state == "online":
+            affinity_node = target.id  # a failed affinity target is ignored rather than blocking forever
+    avoid = {run.steps[s].node for s in placement.anti_affinity if s in run.steps and run.steps[s].node}
+    out = []
+    for node in nodes:
+        if free[node.id] <= 0 or spec.uses not in node.caps:
+            continue
+        if step.avoid.get(node.id, 0) > now:
+            continue
+        if affinity_node is not None and node.id != affinity_node:
+            continue
+        if node.id in avoid:
+            continue
+        if not selector.matches(node.id, node.labels, node.profile, node.caps):
+            continue
+        if not fits(step, node, used[node.id]):
+            continue
+        out.append(node)
+    return out
+
+
+def place(core: Core, now: int, limit: int = 1000) -> list[AttemptAssigned]:
+    if not core.queue:
+        return []
+    nodes = sorted((n for n in core.nodes.values() if eligible(core, n)), key=lambda n: n.id)
+    if not nodes:
+        return []
+    free = {n.id: n.slots - len(n.attempts) for n in nodes}
+    used = {n.id: _used(core, n) for n in nodes}
+    load = {n.id: len(n.attempts) for n in nodes}
+    ready = []
+    for run_id, step_id in core.queue:
+        run = core.runs[run_id]
+        step = run.steps[step_id]
+        if step.ready_at <= now:
+            ready.append((-step.spec.placement.priority - run.workflow.priority, run.deadline, run.seq, step_id,
+                          run, step))
+    ready.sort(key=lambda item: item[:4])
+    out: list[AttemptAssigned] = []
+    fence = core.fence
+    for *_, run, step in ready:
+        if len(out) >= limit or not any(v > 0 for v in free.values()):
+            break
+        options = candidates_for(core, run, step, nodes, free, used, now)
+        if not options:
+            continue
+        if step.spec.placement.strategy == "bin-pack":
+            best = min(options, key=lambda n: (-(load[n.id] / max(1, n.slots)), n.id))
+        else:
+            best = min(options, key=lambda n: (load[n.id] / max(1, n.slots), n.id))
+        fence += 1
+        out.append(AttemptAssigned(now, run.id, step.id, f"a{fence}", fence, best.id))
+        free[best.id] -= 1
+        load[best.id] += 1
+        res = step.spec.resources
+        used[best.id]["cores"] += res.cores
+        used[best.id]["memory_mb"] += res.memory_mb
+        used[best.id]["disk_gb"] += res.disk_gb
+    return out
