@@ -1,0 +1,161 @@
+"""The hub end to end: a real hub process, real agent processes, Mosquitto, and real kill -9."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.brokers import Broker
+from tests.hubprocess import HubProcess
+
+DAG = """
+name: three-steps
+version: 1.0.0
+steps:
+  - id: a
+    uses: echo
+    with: {v: 1}
+  - id: b
+    uses: echo
+    with: {v: 2}
+    placement: {anti_affinity: [a]}
+  - id: c
+    uses: echo
+    needs: [a, b]
+    placement: {anti_affinity: [a, b]}
+"""
+
+MOVABLE = """
+name: movable
+version: 1.0.0
+steps:
+  - id: long
+    uses: sleep
+    with: {seconds: 3}
+    migratable: true
+  - id: after
+    needs: [long]
+    uses: echo
+"""
+
+
+@pytest.fixture
+def hub(mosquitto: Broker, tmp_path: Path) -> Iterator[HubProcess]:
+    process = HubProcess(mosquitto, "e2e", tmp_path / "hub").start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def succeeded_attempts(run: dict) -> dict[str, int]:
+    return {s["id"]: sum(1 for a in s["attempts"] if a["state"] == "succeeded") for s in run["steps"]}
+
+
+def test_three_step_dag_across_nodes(hub: HubProcess) -> None:
+    for node in ("n1", "n2", "n3"):
+        hub.agent(node)
+    hub.wait_nodes(3)
+    run = hub.wait_run(hub.submit(DAG))
+    assert run["state"] == "succeeded", run
+    nodes = {s["id"]: s["attempts"][-1]["node"] for s in run["steps"]}
+    assert len(set(nodes.values())) == 3  # anti-affinity spread them
+    assert succeeded_attempts(run) == {"a": 1, "b": 1, "c": 1}
+
+
+def test_kill_9_of_a_node_moves_its_step_and_its_late_result_is_stale(hub: HubProcess) -> None:
+    agents = {node: hub.agent(node) for node in ("n1", "n2", "n3")}
+    hub.wait_nodes(3)
+    run_id = hub.submit(MOVABLE)
+    first = hub.wait(lambda: [a for s in hub.get(f"/runs/{run_id}")["steps"] for a in s["attempts"]
+                              if a["state"] == "running"], 15, "the long step running")[0]
+    victim = agents[first["node"]]
+    victim.kill()
+    run = hub.wait_run(run_id, 30)
+    assert run["state"] == "succeeded", run
+    long = next(s for s in run["steps"] if s["id"] == "long")
+    states = [(a["node"], a["state"]) for a in long["attempts"]]
+    assert states[0] == (first["node"], "lost") and states[-1][1] == "succeeded" and states[-1][0] != first["node"]
+    assert long["attempts"][-1]["fence"] > first["fence"]
+    # The killed node comes back: it reports the interrupted attempt, which the hub rejects as stale.
+    before = hub.metric("fleetflow_stale_reports")
+    victim.start()
+    hub.wait(lambda: hub.metric("fleetflow_stale_reports") > before, 20, "the stale report")
+    assert succeeded_attempts(hub.get(f"/runs/{run_id}")) == {"long": 1, "after": 1}
+
+
+def test_kill_9_of_the_hub_mid_run(hub: HubProcess) -> None:
+    for node in ("n1", "n2"):
+        hub.agent(node)
+    hub.wait_nodes(2)
+    run_id = hub.submit(MOVABLE)
+    hub.wait(lambda: any(a["state"] == "running" for s in hub.get(f"/runs/{run_id}")["steps"]
+                         for a in s["attempts"]), 15, "the step running")
+    hub.kill()
+    time.sleep(0.5)
+    hub.start()  # same data directory: snapshot + journal tail
+    run = hub.wait_run(run_id, 40)
+    assert run["state"] == "succeeded", run
+    assert succeeded_attempts(run) == {"long": 1, "after": 1}  # no step accepted twice
+
+
+def test_enrollment_accept_and_revoke(mosquitto: Broker, tmp_path: Path) -> None:
+    hub = HubProcess(mosquitto, "enroll", tmp_path / "hub", args=()).start()
+    try:
+        hub.agent("n1")
+        hub.wait(lambda: [n for n in hub.get("/nodes") if n["enrollment"] == "pending"], 15, "a pending node")
+        assert hub.get("/nodes/n1")["liveness"] == "unknown"
+        out = cli("nodes", "accept", "n1", "--data", str(hub.data))
+        assert out.returncode == 0, out.stderr
+        hub.wait_nodes(1)
+        assert hub.wait_run(hub.submit(DAG.replace("    placement: {anti_affinity: [a]}\n", "")
+                                       .replace("    placement: {anti_affinity: [a, b]}\n", "")))["state"] == \
+            "succeeded"
+        before = hub.metric('fleetflow_rejected_total{reason="unknown-key"}')
+        assert cli("nodes", "revoke", "n1", "--data", str(hub.data)).returncode == 0
+        hub.wait(lambda: hub.metric('fleetflow_rejected_total{reason="unknown-key"}') > before, 10,
+                 "the revoked node's heartbeats refused")
+        assert hub.get("/nodes/n1")["liveness"] == "failed"
+    finally:
+        hub.stop()
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(Path(sys.executable).parent / "fleetflow"), *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_cli_against_a_live_hub(hub: HubProcess, tmp_path: Path) -> None:
+    hub.agent("n1")
+    hub.wait_nodes(1)
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(MOVABLE.replace("seconds: 3", "seconds: 0.2"))
+    out = cli("run", "submit", str(wf), "--data", str(hub.data), "--wait", "--json")
+    assert out.returncode == 0, out.stderr
+    import json
+
+    run = json.loads(out.stdout)
+    assert run["state"] == "succeeded" and {s["id"] for s in run["steps"]} == {"long", "after"}
+    listed = json.loads(cli("nodes", "list", "--data", str(hub.data), "--json").stdout)
+    assert listed[0]["id"] == "n1" and {"liveness", "health", "labels"} <= set(listed[0])
+    assert cli("run", "show", run["id"], "--data", str(hub.data)).returncode == 0
+    # errors: wrong token, unreachable hub, bad workflow, unknown run
+    wrong = cli("run", "list", "--hub", hub.url, "--token", "nope")
+    assert wrong.returncode == 2 and "bearer token" in wrong.stderr
+    gone = cli("run", "list", "--hub", "http://127.0.0.1:1", "--token", "x")
+    assert gone.returncode == 3 and "cannot reach" in gone.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nsteps:\n  - id: a\n    uses: echo\n    needs: [nope]\n")
+    out = cli("run", "submit", str(bad), "--data", str(hub.data))
+    assert out.returncode == 1 and "unknown step 'nope'" in out.stderr
+    out = cli("run", "show", "r-nope", "--data", str(hub.data))
+    assert out.returncode == 1 and "no run" in out.stderr
+    out = cli("run", "submit", str(wf), "--input", "novalue", "--data", str(hub.data))
+    assert out.returncode == 2 and "NAME=VALUE" in out.stderr
+    for result in (wrong, gone, out):
+        assert "Traceback" not in result.stderr
