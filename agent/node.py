@@ -323,15 +323,20 @@ class Agent:
                 except asyncio.TimeoutError:
                     cursor = 0  # nothing new for a while: send what is still unacknowledged again
                 continue
+            if any(entry.kind == "evt" for entry in entries):
+                self.outbox.sync()  # one fsync for the batch, before anything in it leaves the device
+            sends = []
             for entry in entries:
                 if entry.kind == "tel":
                     body = Telemetry(entry.body["metrics"], entry.body.get("at"))
-                    await self._publish(session, self.signer.seal(body, self.clock_ms()), qos=0)
-                    self.outbox.remove([entry.eid])
+                    sends.append(self._publish(session, self.signer.seal(body, self.clock_ms()), qos=0))
                 else:
                     body = body_from_map(entry.type, {**entry.body, "eid": entry.eid})
-                    await self._publish(session, self.signer.seal(body, self.clock_ms()), qos=1)
-                cursor = entry.eid
+                    sends.append(self._publish(session, self.signer.seal(body, self.clock_ms()), qos=1))
+            # Published in order; awaited together so QoS 1 acknowledgements overlap instead of queueing.
+            await asyncio.gather(*sends)
+            self.outbox.remove([e.eid for e in entries if e.kind == "tel"])
+            cursor = entries[-1].eid
 
     # -- stopping --------------------------------------------------------------------------------------------------
 

@@ -102,7 +102,7 @@ class Runner:
         self.outbox.raise_fence(cmd.run, cmd.step, cmd.fence, now)
         self.outbox.start_attempt(RunningAttempt(cmd.attempt, cmd.run, cmd.step, cmd.fence, None), now)
         entry = self.running[cmd.attempt] = _Running(ref)
-        self._event(ref, "accepted")
+        # Steps start at once, so "started" (which implies accepted) is the first event: one message fewer per step.
         entry.task = asyncio.get_running_loop().create_task(self._execute(entry, cmd), name=f"attempt {cmd.attempt}")
         entry.task.add_done_callback(lambda task: self._finished(entry))
         return None

@@ -46,6 +46,12 @@ def run_summary(run: Run) -> dict[str, Any]:
             "submitted_at": run.submitted_at, "finished_at": run.finished_at, "error": run.error}
 
 
+def archived_summary(core: Core, run_id: str) -> dict[str, Any]:
+    name, version, state, submitted, finished, error = core.archived[run_id]
+    return {"id": run_id, "workflow": name, "version": version, "state": state, "submitted_at": submitted,
+            "finished_at": finished, "error": error, "archived": True, "steps": []}
+
+
 def run_detail(core: Core, run: Run) -> dict[str, Any]:
     steps = []
     for step in run.steps.values():
@@ -115,24 +121,33 @@ def create_app(hub: Hub) -> FastAPI:
     @app.get("/runs", dependencies=guarded)
     async def list_runs(state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
         runs = sorted(hub.core.runs.values(), key=lambda r: r.seq, reverse=True)
-        return [run_summary(r) for r in runs if state is None or r.state == state][:limit]
+        out = [run_summary(r) for r in runs if state is None or r.state == state][:limit]
+        for run_id in reversed(list(hub.core.archived)):  # older, finished runs, newest first
+            if len(out) >= limit:
+                break
+            summary = archived_summary(hub.core, run_id)
+            if state is None or summary["state"] == state:
+                out.append(summary)
+        return out
 
     @app.get("/runs/{run_id}", dependencies=guarded)
     async def show_run(run_id: str) -> dict[str, Any]:
         run = hub.core.runs.get(run_id)
         if run is None:
+            if run_id in hub.core.archived:
+                return archived_summary(hub.core, run_id)
             raise HTTPException(404, f"no run {run_id!r}")
         return run_detail(hub.core, run)
 
     @app.post("/runs/{run_id}/cancel", dependencies=guarded)
     async def cancel(run_id: str, body: Reason | None = None) -> dict[str, Any]:
         await hub.cancel_run(run_id, (body.reason if body else "") or "cancelled by an operator", False)
-        return run_summary(hub.core.runs[run_id])
+        return await show_run(run_id)
 
     @app.post("/runs/{run_id}/fail", dependencies=guarded)
     async def force_fail(run_id: str, body: Reason | None = None) -> dict[str, Any]:
         await hub.cancel_run(run_id, (body.reason if body else "") or "failed by an operator", True)
-        return run_summary(hub.core.runs[run_id])
+        return await show_run(run_id)
 
     @app.get("/nodes", dependencies=guarded)
     async def list_nodes() -> list[dict[str, Any]]:

@@ -396,8 +396,7 @@ class Hub:
         return (self.core.keys.get(key, run_id) if key else run_id), True
 
     async def cancel_run(self, run_id: str, reason: str, force_fail: bool) -> None:
-        run = self.core.runs.get(run_id)
-        if run is None:
+        if run_id not in self.core.runs and run_id not in self.core.archived:
             raise OperatorError(f"no run {run_id!r}", 404)
         await self.request([RunCancelRequested(now_ms(), run_id, reason, force_fail)])
 

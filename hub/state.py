@@ -24,6 +24,7 @@ TIMEOUT_GRACE_MS = 5_000      # the agent enforces step timeouts; the hub steps 
 REFUSAL_BACKOFF_MS = 1_000
 AVOID_AFTER_REFUSAL_MS = 30_000
 MAX_REFUSALS = 50
+RETAIN_FINISHED = 2_000      # finished runs kept whole; older ones shrink to a summary (the journal has the rest)
 SUSPECT_AFTER_HEARTBEATS = 2
 FAIL_AFTER_HEARTBEATS = 3
 
@@ -193,6 +194,8 @@ class Core:
         self.live: set[str] = set()                    # attempts assigned, accepted or running
         self.active: set[str] = set()                  # runs not terminal
         self.keys: dict[str, str] = {}                 # idempotency key -> run id
+        self.finished: dict[str, None] = {}            # finished runs still kept whole, oldest first
+        self.archived: dict[str, tuple[Any, ...]] = {}  # run id -> (workflow, version, state, submitted, finished, error)
         self.queue: dict[tuple[str, str], None] = {}   # (run, step) waiting for placement, in arrival order
         self.fence = 0
         self.seq = 0                                   # events applied
@@ -234,7 +237,7 @@ class Core:
     # -- runs ----------------------------------------------------------------------------------------------------
 
     def _run_submitted(self, ev: RunSubmitted) -> list[Command]:
-        if ev.run in self.runs or (ev.key and ev.key in self.keys):
+        if ev.run in self.runs or ev.run in self.archived or (ev.key and ev.key in self.keys):
             return []
         workflow = compile_workflow(ev.spec)
         run = Run(ev.run, workflow, dict(ev.inputs), ev.at, ev.deadline, ev.key, self.seq)
@@ -311,10 +314,23 @@ class Core:
 
     def _end_run(self, run: Run, state: str, at: int, error: str | None = None) -> None:
         _move(RUN_TRANSITIONS, "run", run, state)
-        if state in RUN_TERMINAL:
-            self.active.discard(run.id)
         run.finished_at = at
         run.error = run.error or error
+        if state in RUN_TERMINAL:
+            self.active.discard(run.id)
+            self.finished[run.id] = None
+            while len(self.finished) > RETAIN_FINISHED:
+                self._archive(next(iter(self.finished)))
+
+    def _archive(self, run_id: str) -> None:
+        """Shrink an old finished run to a summary, so memory and snapshots stay proportional to recent work."""
+        del self.finished[run_id]
+        run = self.runs.pop(run_id)
+        for step in run.steps.values():
+            for attempt_id in step.attempts:
+                self.attempts.pop(attempt_id, None)
+        self.archived[run_id] = (run.workflow.name, run.workflow.version, run.state, run.submitted_at,
+                                 run.finished_at, run.error)
 
     def _stop_live(self, run: Run, reason: str, at: int) -> list[Command]:
         """Cancel every live attempt of a run and every step not finished."""
@@ -367,7 +383,7 @@ class Core:
         return []
 
     def _run_cancel(self, ev: RunCancelRequested) -> list[Command]:
-        run = self.runs.get(ev.run)
+        run = self.runs.get(ev.run)  # an archived run is finished: nothing to cancel
         if run is None or run.state in RUN_TERMINAL:
             return []
         commands = self._stop_live(run, ev.reason or "cancelled by an operator", ev.at)

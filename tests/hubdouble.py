@@ -10,6 +10,7 @@ import asyncio
 import collections
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,9 @@ import nacl.signing
 from protocols import (HUB_ID, Ack, Body, HubState, Keyring, Message, ProtocolError, Receiver, Signer, StepEvent,
                        StepResult)
 from tests.brokers import HOST, Broker
+
+
+NO_DELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
 
 def now_ms() -> int:
@@ -57,7 +61,8 @@ class HubDouble:
         return bytes(self.key.verify_key).hex()
 
     async def __aenter__(self) -> HubDouble:
-        self._client = aiomqtt.Client(HOST, self.broker.port, identifier=f"hubdouble-{self.fleet}")
+        self._client = aiomqtt.Client(HOST, self.broker.port, identifier=f"hubdouble-{self.fleet}",
+                                      max_inflight_messages=1000, socket_options=NO_DELAY)
         await self._client.__aenter__()
         await self._client.subscribe(f"fleetflow/v1/{self.fleet}/node/+/+", qos=1)
         state = self.signer.seal(HubState(True, bytes(self.key.verify_key), "test"), now_ms())

@@ -159,3 +159,20 @@ def test_cli_against_a_live_hub(hub: HubProcess, tmp_path: Path) -> None:
     assert out.returncode == 2 and "NAME=VALUE" in out.stderr
     for result in (wrong, gone, out):
         assert "Traceback" not in result.stderr
+
+
+def test_embedded_amqtt_broker_and_the_readme_example(tmp_path: Path) -> None:
+    from tests.brokers import Broker as BrokerSpec
+
+    # Nothing is started for this "broker": the hub runs amqtt inside its own process on this free port.
+    embedded = BrokerSpec("amqtt", tmp_path / "unused")
+    hub = HubProcess(embedded, "lab", tmp_path / "hub", args=("--auto-accept", "--embedded-broker")).start()
+    try:
+        hub.agent("n1")
+        hub.wait_nodes(1)
+        example = Path(__file__).resolve().parents[2] / "docs" / "examples" / "temperature_monitoring.yaml"
+        out = cli("run", "submit", str(example), "--data", str(hub.data), "--wait", "--timeout", "30")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip().endswith("succeeded")
+    finally:
+        hub.stop()

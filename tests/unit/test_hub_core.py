@@ -340,3 +340,20 @@ def summary(core: Core) -> Any:
 TestCoreMachine = CoreMachine.TestCase
 TestCoreMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
                                     suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_old_finished_runs_shrink_to_summaries(d: Driver, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hub.state
+
+    monkeypatch.setattr(hub.state, "RETAIN_FINISHED", 2)
+    d.node("n1", slots=8)
+    for i in range(4):
+        d.submit(f"r{i}", spec({"id": "a", "uses": "echo"}))
+    for cmd in d.tick():
+        d.finish(cmd)
+    assert sorted(d.core.runs) == ["r2", "r3"] and sorted(d.core.archived) == ["r0", "r1"]
+    assert d.core.archived["r0"][2] == "succeeded"
+    assert all(a.run in ("r2", "r3") for a in d.core.attempts.values())
+    d.submit("r0", spec({"id": "a", "uses": "echo"}))  # a run id is never reused
+    assert "r0" not in d.core.runs
+    assert summary(Core().fold(d.journal)) == summary(d.core)
