@@ -114,6 +114,7 @@ class Agent:
         if self.hub_key:
             self._hub_key_known.set()
         self._refusals = RateLimitedLog()
+        self._publishing: set[asyncio.Task[None]] = set()
 
     # -- setup -----------------------------------------------------------------------------------------------------
 
@@ -199,6 +200,16 @@ class Agent:
 
     async def _publish(self, session: Session, out: Any, qos: int) -> None:
         await session.publish(out.topic, out.payload, qos=qos)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._publishing.add(task)
+        task.add_done_callback(self._published)
+
+    def _published(self, task: asyncio.Task[None]) -> None:
+        self._publishing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("publish failed (the entry stays in the outbox): %s", task.exception())
 
     # -- enrollment ------------------------------------------------------------------------------------------------
 
@@ -325,16 +336,16 @@ class Agent:
                 continue
             if any(entry.kind == "evt" for entry in entries):
                 self.outbox.sync()  # one fsync for the batch, before anything in it leaves the device
-            sends = []
             for entry in entries:
                 if entry.kind == "tel":
-                    body = Telemetry(entry.body["metrics"], entry.body.get("at"))
-                    sends.append(self._publish(session, self.signer.seal(body, self.clock_ms()), qos=0))
+                    body: Any = Telemetry(entry.body["metrics"], entry.body.get("at"))
+                    qos = 0
                 else:
                     body = body_from_map(entry.type, {**entry.body, "eid": entry.eid})
-                    sends.append(self._publish(session, self.signer.seal(body, self.clock_ms()), qos=1))
-            # Published in order; awaited together so QoS 1 acknowledgements overlap instead of queueing.
-            await asyncio.gather(*sends)
+                    qos = 1
+                # Not awaited: the client sends in call order, and an entry is deleted on the hub's ack, not on
+                # the broker's PUBACK, so waiting would only add a round trip between a step's events.
+                self._spawn(self._publish(session, self.signer.seal(body, self.clock_ms()), qos=qos))
             self.outbox.remove([e.eid for e in entries if e.kind == "tel"])
             cursor = entries[-1].eid
 

@@ -93,7 +93,7 @@ async def offered(hub: HubDouble, nodes: list[str], rate: float, seconds: float,
         attempt = f"{tag}-{i}"
         node = nodes[i % len(nodes)]
         sent[attempt] = time.monotonic()
-        await hub.send(node, Assign(f"run-{tag}", f"s{i}", attempt, 1, "echo", {"i": i}, 30))
+        hub.send_nowait(node, Assign(f"run-{tag}", f"s{i}", attempt, 1, "echo", {"i": i}, 30))
     offered_for = time.monotonic() - started
     try:
         await asyncio.wait_for(done.wait(), 30)

@@ -73,7 +73,8 @@ def test_trust_on_first_use_and_replay_after_restart(broker: Broker, tmp_path: P
                 agent.start()
                 await hub.wait_for(lambda: len(hub.of("birth", "n1")) == 2, 20, "second birth")
                 await hub.publish_raw(captured.topic, captured.payload)  # an attacker replays a captured command
-                await hub.wait_for(lambda: hub.of("hb", "n1")[-1].body.rejected.get("replayed"),  # type: ignore[attr-defined]
+                await hub.wait_for(lambda: hub.of("hb", "n1") and
+                                   hub.of("hb", "n1")[-1].body.rejected.get("replayed"),  # type: ignore[attr-defined]
                                    10, "replay refused after restart")
                 assert len(hub.results("n1")) == 1
                 keyring = hub.receiver.keyring
@@ -86,7 +87,8 @@ def test_trust_on_first_use_and_replay_after_restart(broker: Broker, tmp_path: P
             try:
                 await rogue.wait_for(lambda: rogue.of("birth", "n1"), 20, "birth")
                 await rogue.send("n1", Drain(True))
-                await rogue.wait_for(lambda: rogue.of("hb", "n1")[-1].body.rejected.get("unknown-key", 0) >= 2,  # type: ignore[attr-defined]
+                await rogue.wait_for(lambda: rogue.of("hb", "n1") and
+                                     rogue.of("hb", "n1")[-1].body.rejected.get("unknown-key", 0) >= 2,  # type: ignore[attr-defined]
                                      10, "rogue hub refused")
                 assert not rogue.of("hb", "n1")[-1].body.draining  # type: ignore[attr-defined]
             finally:
