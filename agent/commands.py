@@ -40,13 +40,15 @@ def agent_run(
         max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", help="Concurrent steps"),
         grace_period: Optional[float] = typer.Option(None, "--grace-period", help="SIGTERM grace for steps, s"),
         enroll_token: Optional[str] = typer.Option(None, "--enroll-token", help="Token the hub accepts on sight"),
+        telemetry_file: Optional[str] = typer.Option(None, "--telemetry-file",
+                                                     help="JSON map overriding reported metrics (tests, demos)"),
         log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
 ) -> None:
     """Run the agent until SIGTERM or SIGINT (then it drains and publishes its death)."""
     flags = {"broker": broker, "fleet": fleet, "node_id": node_id, "data": data, "profile": profile,
              "labels": label, "hub_key": hub_key, "username": username, "ca_file": ca_file, "cert_file": cert_file,
              "key_file": key_file, "heartbeat": heartbeat, "telemetry": telemetry, "max_concurrent": max_concurrent,
-             "grace_period": grace_period, "enroll_token": enroll_token}
+             "grace_period": grace_period, "enroll_token": enroll_token, "telemetry_file": telemetry_file}
     try:
         settings = load_config({k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()}, config)
     except ConfigError as exc:

@@ -61,6 +61,7 @@ class AgentConfig:
     max_step_bytes: int = 64 * 1024
     enroll_token: str | None = None
     profiles_dir: Path | None = None
+    telemetry_file: str | None = None    # JSON overlay on the psutil figures (tests, demos, simulator)
     shell: bool = False
     shell_allow: tuple[str, ...] = ()
     python: bool = False
@@ -167,7 +168,7 @@ PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "hub_key": _hub_key, "username": _text, "password": _text, "ca_file": _text, "cert_file": _text,
     "key_file": _text, "keepalive": _positive_int, "heartbeat": _positive_float, "telemetry": _positive_float,
     "max_concurrent": _positive_int, "grace_period": _positive_float, "outbox_max_bytes": _positive_int,
-    "max_step_bytes": _positive_int, "enroll_token": _text, "profiles_dir": _path, "shell": _bool,
+    "max_step_bytes": _positive_int, "enroll_token": _text, "profiles_dir": _path, "telemetry_file": _text, "shell": _bool,
     "shell_allow": _strings, "python": _bool, "python_allow": _strings,
 }
 REQUIRED = ("broker", "fleet", "node_id", "data")

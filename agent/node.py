@@ -27,7 +27,7 @@ from .identity import Identity
 from .outbox import Outbox
 from .profiles import Profile, load_profile
 from .runner import Runner
-from .telemetry import PsutilSource, TelemetrySource, now_ms
+from .telemetry import OverlaySource, PsutilSource, TelemetrySource, now_ms
 from .transport import MqttTransport, Session, Transport, TransportError, Will
 
 log = logging.getLogger("fleetflow.agent")
@@ -84,6 +84,8 @@ class Agent:
                              reserve_bytes=slots * (config.max_step_bytes + 1024))
         self.transport = transport or MqttTransport(config.broker_settings())
         self.telemetry = telemetry or PsutilSource(str(config.data))
+        if config.telemetry_file:
+            self.telemetry = OverlaySource(self.telemetry, config.telemetry_file)
         hb, tel = self.identity.intervals()
         self.hb_interval = float(hb or config.heartbeat or self.profile.heartbeat_s)
         self.tel_interval = float(tel or config.telemetry or self.profile.telemetry_s)

@@ -4,6 +4,7 @@ demos). The hub classifies node health from these figures, so a source is the on
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Protocol
@@ -71,6 +72,31 @@ class FixedSource:
     def sample(self) -> dict[str, float]:
         self.samples += 1
         return dict(self.metrics)
+
+
+class OverlaySource:
+    """Another source with some metrics replaced by the JSON map in a file, re-read at every sample.
+
+    This is how tests, demos and the simulator drive what a real agent reports (`telemetry_file` in the agent's
+    config): writing {"temp": 85} to the file makes the next samples report 85 C. A missing or unreadable file
+    means no overlay; non-numeric values are ignored.
+    """
+
+    def __init__(self, base: TelemetrySource, path: str) -> None:
+        self.base = base
+        self.path = path
+
+    def sample(self) -> dict[str, float]:
+        metrics = self.base.sample()
+        try:
+            with open(self.path) as f:
+                overlay = json.load(f)
+        except (OSError, ValueError):
+            return metrics
+        if isinstance(overlay, dict):
+            metrics.update({str(k): float(v) for k, v in overlay.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        return metrics
 
 
 def now_ms() -> int:

@@ -74,7 +74,8 @@ def node_view(hub: Hub, node_id: str) -> dict[str, Any]:
     if node is not None:
         out.update(boot=node.boot, slots=node.slots, running=sorted(node.attempts), draining=node.draining,
                    caps=sorted(node.caps), resources=node.resources, last_seen=node.last_seen,
-                   changed_at=node.changed_at)
+                   changed_at=node.changed_at, throttled=node.throttled, breaker=node.breaker,
+                   history=list(node.history))
     if view is not None:
         out["telemetry"] = view.telemetry
         if view.heartbeat is not None:
@@ -104,7 +105,8 @@ def create_app(hub: Hub) -> FastAPI:
     @app.get("/health", dependencies=guarded)
     async def health() -> dict[str, Any]:
         core = hub.core
-        return {"status": "ok", "fleet": hub.config.fleet, "boot": hub.signer.boot, "connected": hub.session is not None,
+        return {"status": "overloaded" if core.overloaded else "ok", "fleet": hub.config.fleet, "boot": hub.signer.boot,
+                "connected": hub.session is not None,
                 "journal_seq": hub.journal.last_seq, "nodes": len(core.nodes), "active_runs": len(core.active),
                 "queue": len(core.queue), "version": __version__}
 

@@ -52,8 +52,11 @@ def hub_run(broker: str = typer.Option(..., help="mqtt://HOST:PORT (with --embed
                                                        help="Nodes presenting this token are accepted"),
             username: Optional[str] = typer.Option(None, help="Broker username (password: FLEETFLOW_PASSWORD)"),
             ca_file: Optional[str] = typer.Option(None, "--ca-file", help="CA for mqtts://"),
+            policy: Optional[Path] = typer.Option(None, "--policy", help="Adaptation policy YAML (health, rules)"),
             log_level: str = typer.Option("info", "--log-level")) -> None:
     """Run the hub until SIGTERM or SIGINT."""
+    from .health import Policy, load_policy
+    from .workflow import WorkflowError
     from agent.config import ConfigError, _broker, _id
 
     from .service import Hub, HubConfig
@@ -64,10 +67,16 @@ def hub_run(broker: str = typer.Option(..., help="mqtt://HOST:PORT (with --embed
     except ConfigError as exc:
         fail(str(exc), 2)
     host, port = _split_hostport(api, "--api")
+    try:
+        rules = load_policy(policy) if policy else Policy()
+    except WorkflowError as exc:
+        for where, what in exc.problems:
+            typer.echo(f"{where}: {what}", err=True)
+        raise typer.Exit(2)
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = HubConfig(broker, fleet, data, host, port, auto_accept, enroll_token, username,
-                       os.environ.get("FLEETFLOW_PASSWORD"), ca_file)
+                       os.environ.get("FLEETFLOW_PASSWORD"), ca_file, policy=rules)
 
     async def main() -> None:
         embedded = await start_embedded_broker(broker) if embedded_broker else None
@@ -367,6 +376,14 @@ def schema_workflow() -> None:
     from .workflow import Workflow
 
     typer.echo(json.dumps(Workflow.model_json_schema(by_alias=True), indent=2))
+
+
+@schema_app.command("policy")
+def schema_policy() -> None:
+    """The JSON Schema of the hub's adaptation policy file (--policy)."""
+    from .health import Policy
+
+    typer.echo(json.dumps(Policy.model_json_schema(), indent=2))
 
 
 def register(app: typer.Typer) -> None:

@@ -50,6 +50,7 @@ class NodeBorn(Event):
     resources: dict[str, float] = field(default_factory=dict)
     running: tuple[tuple[str, str, str, int], ...] = ()   # (run, step, attempt, fence) the node still holds
     hb: float = 5.0
+    tel: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,10 +153,52 @@ class RunTimedOut(Event):
     run: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class HealthChanged(Event):
+    """A node's health classification changed, with the figures that made it change."""
+
+    KIND: ClassVar[str] = "health_changed"
+    node: str = ""
+    health: str = "healthy"
+    metric: str = ""
+    value: float = 0.0
+    threshold: float = 0.0
+    duration: float = 0.0
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ActionTaken(Event):
+    """An adaptation action on a node: throttle, unthrottle, migrate, circuit_break, drain, alert, telemetry_rate."""
+
+    KIND: ClassVar[str] = "action_taken"
+    node: str = ""
+    action: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerChanged(Event):
+    KIND: ClassVar[str] = "breaker_changed"
+    node: str = ""
+    state: str = "closed"                                 # closed, open, half_open
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HubLoadChanged(Event):
+    """The hub protects itself: while overloaded it slows the fleet's telemetry and sheds non-critical work."""
+
+    KIND: ClassVar[str] = "hub_load_changed"
+    overloaded: bool = False
+    reason: str = ""
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.KIND: cls for cls in (RunSubmitted, RunCancelRequested, NodeBorn, NodeSeen, NodeDied, NodeDrainSet,
                               NodeRemoved, StepReported, ResultReported, ReplayMarks, AttemptAssigned, AttemptLost,
-                              NodeSuspected, NodeFailed, RunTimedOut)
+                              NodeSuspected, NodeFailed, RunTimedOut, HealthChanged, ActionTaken, BreakerChanged,
+                              HubLoadChanged)
 }
 
 

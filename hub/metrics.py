@@ -52,10 +52,24 @@ class HubMetrics:
         self.journal_commit = Histogram("fleetflow_journal_commit_seconds", "Journal group commit latency",
                                         registry=self.registry,
                                         buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
+        self.health_changes = Counter("fleetflow_health_changes", "Node health classification changes, by new health",
+                                      ["health"], registry=self.registry)
+        self.actions = Counter("fleetflow_adaptation_actions", "Adaptation actions taken, by action", ["action"],
+                               registry=self.registry)
         self.registry.register(_StateCollector(hub))
 
     def count_decision(self, event: Any) -> None:
         self.decisions.labels(event.KIND).inc()
+        self.count_adaptation(event)
+
+    def count_adaptation(self, event: Any) -> None:
+        kind = getattr(event, "KIND", "")
+        if kind == "health_changed":
+            self.health_changes.labels(event.health).inc()
+        elif kind == "action_taken":
+            self.actions.labels(event.action).inc()
+        elif kind == "breaker_changed":
+            self.actions.labels(f"breaker_{event.state}").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

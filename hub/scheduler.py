@@ -19,7 +19,12 @@ PLACEABLE_HEALTH = frozenset({"healthy", "degraded"})
 
 
 def eligible(core: Core, node: Node) -> bool:
-    return (node.state == "online" and not node.draining and not node.removed and node.health in PLACEABLE_HEALTH)
+    """Alive, not draining, removed or throttled, healthy enough, and its breaker not open (half-open: one probe)."""
+    if node.state != "online" or node.draining or node.removed or node.throttled:
+        return False
+    if node.health not in PLACEABLE_HEALTH or node.breaker == "open":
+        return False
+    return node.breaker != "half_open" or not node.attempts
 
 
 def _used(core: Core, node: Node) -> dict[str, float]:
@@ -77,7 +82,8 @@ def place(core: Core, now: int, limit: int = 1000) -> list[AttemptAssigned]:
     nodes = sorted((n for n in core.nodes.values() if eligible(core, n)), key=lambda n: n.id)
     if not nodes:
         return []
-    free = {n.id: n.slots - len(n.attempts) for n in nodes}
+    # a half-open breaker lets exactly one probe attempt through
+    free = {n.id: (1 if n.breaker == "half_open" else n.slots) - len(n.attempts) for n in nodes}
     used = {n.id: _used(core, n) for n in nodes}
     load = {n.id: len(n.attempts) for n in nodes}
     ready = []

@@ -26,16 +26,19 @@ from agent.identity import DurableJSONStorage
 from agent.keys import load_key, write_new_key
 from agent.node import Backoff, RateLimitedLog
 from agent.transport import BrokerSettings, MqttTransport, Session, Transport, TransportError, Will
-from protocols import (HUB_ID, Ack, Assign, AttemptRef, Birth, Cancel, Death, Drain, Enroll, Heartbeat, HubState,
-                       Keyring, ProtocolError, Receiver, ReplayWindow, Signer, StepEvent, StepResult, Telemetry, Topic)
+from protocols import (HUB_ID, Ack, Assign, AttemptRef, Birth, Cancel, Config, Death, Drain, Enroll, Heartbeat,
+                       HubState, Keyring, ProtocolError, Receiver, ReplayWindow, Signer, StepEvent, StepResult,
+                       Telemetry)
 
 from . import __version__
-from .events import (Event, NodeBorn, NodeDied, NodeDrainSet, NodeRemoved, NodeSeen, ReplayMarks, ResultReported,
-                     RunCancelRequested, RunSubmitted, StepReported)
+from .events import (ActionTaken, Event, HealthChanged, HubLoadChanged, NodeBorn, NodeDied, NodeDrainSet,
+                     NodeRemoved, NodeSeen, ReplayMarks, ResultReported, RunCancelRequested, RunSubmitted,
+                     StepReported)
+from .health import HealthTracker, LoadMonitor, Policy
 from .journal import Journal
 from .metrics import HubMetrics
 from .registry import Registry, RegistryError
-from .state import Command, Core, SendAssign, SendCancel
+from .state import Command, Core, SendAssign, SendCancel, SendConfig, SendDrain
 from .workflow import Workflow, WorkflowError
 
 log = logging.getLogger("fleetflow.hub")
@@ -63,6 +66,7 @@ class HubConfig:
     password: str | None = None
     ca_file: str | None = None
     snapshot_every: int = 10_000
+    policy: Policy = field(default_factory=Policy)
 
 
 class OperatorError(Exception):
@@ -101,7 +105,11 @@ class Hub:
         self.registry = Registry(data / "nodes.json")
         self.journal = Journal(data / "journal.sqlite", config.snapshot_every)
         self.core: Core = self.journal.load()
+        self.core.policy = config.policy  # decisions already journaled keep the policy they were made under
         self.core.after_load(now_ms())
+        self.tracker = HealthTracker(config.policy)
+        self.load = LoadMonitor(config.policy.self_protection)
+        self._profile_thresholds: dict[str, dict[str, dict[str, float]]] = {}
         self.token = self._token(data / "api.token")
         keyring = Keyring(self.registry.accepted_keys())
         windows = {k: ReplayWindow.from_dict(v) for k, v in self.core.windows.items()}
@@ -162,6 +170,7 @@ class Hub:
 
             server_task = asyncio.create_task(serve(self), name="api")
         core_task = asyncio.create_task(self._core_loop(), name="core")
+        monitor_task = asyncio.create_task(self._monitor_load(), name="load")
         backoff = Backoff()
         try:
             while not self._stop.is_set():
@@ -181,9 +190,11 @@ class Hub:
                     await asyncio.wait_for(self._stop.wait(), backoff.next())
         finally:
             core_task.cancel()
+            monitor_task.cancel()
             if server_task is not None:
                 server_task.cancel()
-            await asyncio.gather(core_task, *([server_task] if server_task else []), return_exceptions=True)
+            await asyncio.gather(core_task, monitor_task, *([server_task] if server_task else []),
+                                 return_exceptions=True)
             marks = self._marks_event(force=True)
             if marks is not None:  # the core loop has stopped, so nothing else writes now
                 self.journal.append_now([marks])
@@ -258,6 +269,7 @@ class Hub:
             self.metrics.journal_commit.observe(time.perf_counter() - started)
             for fact in facts:
                 commands += self.core.apply(fact)
+                self.metrics.count_adaptation(fact)
         for _ in range(5):  # decisions can enable further decisions (a placement frees nothing, a loss re-queues)
             decisions = self.core.decide(now_ms())
             if not decisions:
@@ -297,11 +309,11 @@ class Hub:
         if isinstance(body, Telemetry):
             view = self.views[node]
             view.telemetry, view.telemetry_at = dict(body.metrics), body.at or header.ts
-            return seen
+            return seen + self._health(node, dict(body.metrics), at)
         if isinstance(body, Birth):
             running = tuple((r.run, r.step, r.attempt, r.fence) for r in body.running)
             return [NodeBorn(at, node, header.boot, body.profile, dict(body.labels), tuple(body.caps), body.slots,
-                             dict(body.resources), running, body.hb)]
+                             dict(body.resources), running, body.hb, body.tel)]
         if isinstance(body, Death):
             return [NodeDied(at, node, header.boot, body.reason)]
         if isinstance(body, StepEvent):
@@ -318,6 +330,49 @@ class Hub:
                 self.metrics.step_latency.observe((at - started) / 1000)
             return seen + [ResultReported(at, node, body.attempt, body.fence, body.ok, dict(body.output), body.error)]
         return seen
+
+    def _health(self, node_id: str, metrics: dict[str, float], at: int) -> list[Event]:
+        """Classify a telemetry sample; health changes and the actions they call for become journal events."""
+        node = self.core.nodes.get(node_id)
+        if node is None:
+            return []
+        if self.core.overloaded and node.health == "healthy":
+            return []  # shedding load: only nodes already in trouble are followed closely
+        thresholds = self.config.policy.thresholds_for(node.profile, self._thresholds_of(node.profile))
+        self.tracker.seed(node_id, node.health, node.throttled, list(thresholds))
+        changes, actions = self.tracker.observe(node_id, metrics, thresholds, at)
+        events: list[Event] = [HealthChanged(at, node_id, c.health, c.metric, c.value, c.threshold, c.duration,
+                                             c.reason) for c in changes]
+        events += [ActionTaken(at, node_id, a.action, a.reason) for a in actions]
+        for action in actions:
+            log.warning("node %s: %s (%s)", node_id, action.action, action.reason)
+        return events
+
+    def _thresholds_of(self, profile: str) -> dict[str, dict[str, float]]:
+        if profile not in self._profile_thresholds:
+            from agent.profiles import ProfileError, load_profile
+
+            try:
+                self._profile_thresholds[profile] = load_profile(profile).thresholds
+            except ProfileError:
+                self._profile_thresholds[profile] = {}  # unknown profile: the policy's defaults apply
+        return self._profile_thresholds[profile]
+
+    async def _monitor_load(self) -> None:
+        """Sample the hub's own event-loop lag, journal commit time and CPU once a second."""
+        import psutil
+
+        process = psutil.Process()
+        process.cpu_percent(None)
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await asyncio.sleep(1.0)
+            lag_ms = (loop.time() - started - 1.0) * 1000
+            change = self.load.observe(lag_ms, self.journal.stats.last_seconds * 1000, process.cpu_percent(None))
+            if change is not None:
+                log.warning("hub %s: %s", "overloaded" if change else "recovered", self.load.reason)
+                await self.request([HubLoadChanged(now_ms(), change, self.load.reason)])
 
     def _enroll(self, node: str, body: Enroll, at: int, replies: list[tuple[str, Any]]) -> list[Event]:
         token_ok = bool(self.config.enroll_token and body.token
@@ -345,6 +400,10 @@ class Hub:
                                    command.inputs, command.timeout)
             elif isinstance(command, SendCancel):
                 body = Cancel(tuple(AttemptRef(*ref) for ref in command.refs), command.reason[:200])
+            elif isinstance(command, SendDrain):
+                body = Drain(command.on)
+            elif isinstance(command, SendConfig):
+                body = Config(None, command.tel)
             else:
                 continue
             outgoing.append((command.node, body))

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .conditions import ConditionError
-from .events import (AttemptAssigned, AttemptLost, Event, NodeBorn, NodeDied, NodeDrainSet, NodeFailed, NodeRemoved,
-                     NodeSeen, NodeSuspected, ReplayMarks, ResultReported, RunCancelRequested, RunSubmitted,
-                     RunTimedOut, StepReported)
+from .events import (ActionTaken, AttemptAssigned, AttemptLost, BreakerChanged, Event, HealthChanged,
+                     HubLoadChanged, NodeBorn, NodeDied, NodeDrainSet, NodeFailed, NodeRemoved, NodeSeen,
+                     NodeSuspected, ReplayMarks, ResultReported, RunCancelRequested, RunSubmitted, RunTimedOut,
+                     StepReported)
+from .health import Policy
 from .workflow import Compensation, Selector, Step, Workflow, instance_id, workflow_from_data
 
 UNANSWERED_MS = 10_000        # an assignment nobody accepted within this is lost (not counted as a failure)
@@ -86,7 +88,20 @@ class SendCancel:
     reason: str
 
 
-Command = SendAssign | SendCancel
+@dataclass(frozen=True)
+class SendDrain:
+    node: str
+    on: bool
+
+
+@dataclass(frozen=True)
+class SendConfig:
+    node: str
+    tel: float
+
+
+Command = SendAssign | SendCancel | SendDrain | SendConfig
+HISTORY = 50  # health changes and actions kept per node for `nodes show`
 
 
 # -- state ---------------------------------------------------------------------------------------------------------
@@ -141,6 +156,7 @@ class Run:
     error: str | None = None
     finished_at: int | None = None
     compensations: list[str] = field(default_factory=list)
+    migrations: int = 0
 
 
 @dataclass
@@ -160,6 +176,19 @@ class Node:
     removed: bool = False
     changed_at: int = 0
     health: str = "healthy"
+    tel: float = 10.0
+    throttled: bool = False
+    breaker: str = "closed"
+    breaker_at: int = 0
+    failures: list[int] = field(default_factory=list)     # times of recent step failures (breaker window)
+    probe_successes: int = 0                               # successes while half-open
+    probe_failed: bool = False
+    migrations: list[int] = field(default_factory=list)   # times of recent migrations off this node
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def remember(self, entry: dict[str, Any]) -> None:
+        self.history.append(entry)
+        del self.history[:-HISTORY]
 
 
 @dataclass
@@ -187,7 +216,9 @@ def _unit(*parts: Any) -> float:
 
 
 class Core:
-    def __init__(self) -> None:
+    def __init__(self, policy: Policy | None = None) -> None:
+        self.policy = policy or Policy()
+        self.overloaded = False
         self.runs: dict[str, Run] = {}
         self.nodes: dict[str, Node] = {}
         self.attempts: dict[str, Attempt] = {}
@@ -208,6 +239,8 @@ class Core:
             NodeSuspected: self._node_suspected, NodeFailed: self._node_failed, NodeDrainSet: self._node_drain,
             NodeRemoved: self._node_removed, StepReported: self._step_reported, ResultReported: self._result,
             AttemptAssigned: self._assigned, AttemptLost: self._lost, ReplayMarks: self._replay_marks,
+            HealthChanged: self._health_changed, ActionTaken: self._action, BreakerChanged: self._breaker_changed,
+            HubLoadChanged: self._hub_load,
         }
 
     # -- the fold ------------------------------------------------------------------------------------------------
@@ -471,6 +504,14 @@ class Core:
         if attempt is None:
             self.counters.stale_reports += 1
             return []
+        node = self.nodes.get(ev.node)
+        if node is not None:
+            if ev.ok:
+                node.probe_successes += node.breaker == "half_open"
+            else:
+                window = int(self.policy.breaker.window * 1000)
+                node.failures = [t for t in node.failures if t > ev.at - window] + [ev.at]
+                node.probe_failed = node.probe_failed or node.breaker == "half_open"
         run = self.runs[attempt.run]
         step = run.steps[attempt.step]
         if ev.ok:
@@ -546,6 +587,7 @@ class Core:
             _move(LIVENESS_TRANSITIONS, "node", node, "online")
         node.boot, node.profile, node.labels = ev.boot, ev.profile, dict(ev.labels)
         node.caps, node.slots, node.resources, node.hb = frozenset(ev.caps), ev.slots, dict(ev.resources), ev.hb
+        node.tel = ev.tel
         node.last_seen = max(node.last_seen, ev.at)
         node.changed_at = ev.at
         node.removed = False
@@ -609,6 +651,91 @@ class Core:
         self.windows = dict(ev.windows)
         return []
 
+    # -- adaptation ----------------------------------------------------------------------------------------------
+
+    def _health_changed(self, ev: HealthChanged) -> list[Command]:
+        node = self.nodes.get(ev.node)
+        if node is not None:
+            node.health = ev.health
+            node.remember({"at": ev.at, "kind": "health", "health": ev.health, "metric": ev.metric,
+                           "value": ev.value, "threshold": ev.threshold, "duration": ev.duration, "reason": ev.reason})
+        return []
+
+    def _action(self, ev: ActionTaken) -> list[Command]:
+        node = self.nodes.get(ev.node)
+        if node is None:
+            return []
+        node.remember({"at": ev.at, "kind": "action", "action": ev.action, "reason": ev.reason})
+        if ev.action == "throttle":
+            node.throttled = True
+        elif ev.action == "unthrottle":
+            node.throttled = False
+        elif ev.action == "drain":
+            node.draining = True
+            return [SendDrain(node.id, True)]
+        elif ev.action == "telemetry_rate":
+            return [SendConfig(node.id, node.tel * self.policy.self_protection.telemetry_factor)]
+        elif ev.action == "circuit_break":
+            node.breaker, node.breaker_at = "open", ev.at
+        elif ev.action == "migrate":
+            return self._migrate(node, ev)
+        return []
+
+    def _migrate(self, node: Node, ev: ActionTaken) -> list[Command]:
+        """Move migratable live attempts off the node (new fenced attempt elsewhere; the old one is cancelled),
+        within the limits against flapping."""
+        limits = self.policy.limits
+        window = int(limits.window * 1000)
+        node.migrations = [t for t in node.migrations if t > ev.at - window]
+        commands: list[Command] = []
+        for attempt_id in sorted(node.attempts, key=lambda a: self.attempts[a].fence):
+            attempt = self.attempts[attempt_id]
+            run = self.runs[attempt.run]
+            step = run.steps[attempt.step]
+            if not step.spec.migratable:
+                continue
+            if len(node.migrations) >= limits.max_migrations_per_node or run.migrations >= limits.max_migrations_per_run:
+                node.remember({"at": ev.at, "kind": "action", "action": "migrate-skipped",
+                               "reason": f"limit reached for {attempt_id} (node or run migration limit)"})
+                continue
+            node.migrations.append(ev.at)
+            run.migrations += 1
+            step.avoid[node.id] = ev.at + int(self.policy.cooldown * 1000)
+            commands += self._lost(AttemptLost(ev.at, attempt_id, f"migrated off {node.id}: {ev.reason}", False))
+        return commands
+
+    def _breaker_changed(self, ev: BreakerChanged) -> list[Command]:
+        node = self.nodes.get(ev.node)
+        if node is not None:
+            node.breaker, node.breaker_at = ev.state, ev.at
+            node.probe_successes, node.probe_failed = 0, False
+            if ev.state == "closed":
+                node.failures = []
+            node.remember({"at": ev.at, "kind": "breaker", "state": ev.state, "reason": ev.reason})
+        return []
+
+    def _hub_load(self, ev: HubLoadChanged) -> list[Command]:
+        self.overloaded = ev.overloaded
+        factor = self.policy.self_protection.telemetry_factor if ev.overloaded else 1.0
+        return [SendConfig(n.id, n.tel * factor) for n in sorted(self.nodes.values(), key=lambda n: n.id)
+                if n.state in ("online", "suspected")]
+
+    def _breakers(self, now: int) -> list[Event]:
+        policy = self.policy.breaker
+        out: list[Event] = []
+        for node in self.nodes.values():
+            recent = [t for t in node.failures if t > now - policy.window * 1000]
+            if node.breaker == "closed" and len(recent) >= policy.failures:
+                out.append(BreakerChanged(now, node.id, "open",
+                                          f"{len(recent)} step failures in {policy.window:g} s"))
+            elif node.breaker == "open" and now - node.breaker_at >= policy.cooldown * 1000:
+                out.append(BreakerChanged(now, node.id, "half_open", f"open for {policy.cooldown:g} s: one probe"))
+            elif node.breaker == "half_open" and node.probe_failed:
+                out.append(BreakerChanged(now, node.id, "open", "the probe step failed"))
+            elif node.breaker == "half_open" and node.probe_successes >= policy.successes:
+                out.append(BreakerChanged(now, node.id, "closed", f"{node.probe_successes} probe(s) succeeded"))
+        return out
+
     # -- decisions -----------------------------------------------------------------------------------------------
 
     def decide(self, now: int, placement_limit: int = 1000) -> list[Event]:
@@ -633,6 +760,7 @@ class Core:
         for run in (self.runs[r] for r in sorted(self.active)):
             if now >= run.deadline:
                 out.append(RunTimedOut(now, run.id))
+        out.extend(self._breakers(now))
         if not out:
             out.extend(place(self, now, placement_limit))
         return out

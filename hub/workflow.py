@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,6 +20,7 @@ from protocols import is_valid_id
 from .conditions import Condition, ConditionError, parse_condition
 
 SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
+_M = TypeVar("_M", bound=BaseModel)
 STEP_ID = r"^[A-Za-z0-9_-]{1,48}$"  # no dots: for_each instances are named <step>.<node>
 
 
@@ -277,6 +278,10 @@ def _locate(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
 
 
 def load_workflow_text(text: str, source: str = "<workflow>") -> Workflow:
+    return load_model_text(Workflow, text, source, "a workflow file must be a YAML mapping (name, version, steps, ...)")
+
+
+def load_model_text(model: type[_M], text: str, source: str, not_a_mapping: str) -> _M:
     try:
         tree = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -285,13 +290,18 @@ def load_workflow_text(text: str, source: str = "<workflow>") -> Workflow:
         where = f"{source}:{mark.line + 1}" if mark is not None else source
         raise WorkflowError([(where, f"not valid YAML: {getattr(exc, 'problem', None) or exc}")]) from None
     if not isinstance(data, dict):
-        raise WorkflowError([(source, "a workflow file must be a YAML mapping (name, version, steps, ...)")])
-    return workflow_from_data(data, source, tree)
+        raise WorkflowError([(source, not_a_mapping)])
+    return model_from_data(model, data, source, tree)
 
 
 def workflow_from_data(data: Any, source: str = "<workflow>", tree: yaml.Node | None = None) -> Workflow:
+    return model_from_data(Workflow, data, source, tree)
+
+
+def model_from_data(model: type[_M], data: Any, source: str, tree: yaml.Node | None = None) -> _M:
+    """Validate `data` as `model`; errors become one WorkflowError with file:line per problem."""
     try:
-        return Workflow.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         problems = []
         for error in exc.errors():

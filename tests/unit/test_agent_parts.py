@@ -198,3 +198,15 @@ def test_shipped_config_example_loads(tmp_path: Path) -> None:
     copy.write_text(text)
     config = load_config({}, copy, {})
     assert config.profile == "rpi4" and config.labels == {"line": "2", "site": "north"} and not config.shell
+
+
+def test_overlay_source_drives_reported_metrics(tmp_path: Path) -> None:
+    from agent.telemetry import FixedSource, OverlaySource
+
+    overlay = tmp_path / "tel.json"
+    source = OverlaySource(FixedSource(cpu=10.0, temp=40.0), str(overlay))
+    assert source.sample() == {"cpu": 10.0, "temp": 40.0}  # no file: no overlay
+    overlay.write_text('{"temp": 85, "flag": true, "name": "x"}')
+    assert source.sample() == {"cpu": 10.0, "temp": 85.0}
+    overlay.write_text("{broken")
+    assert source.sample()["temp"] == 40.0
