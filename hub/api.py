@@ -55,7 +55,8 @@ def archived_summary(core: Core, run_id: str) -> dict[str, Any]:
 def run_detail(core: Core, run: Run) -> dict[str, Any]:
     steps = []
     for step in run.steps.values():
-        attempts = [{"id": a.id, "node": a.node, "fence": a.fence, "state": a.state, "reason": a.reason}
+        attempts = [{"id": a.id, "node": a.node, "fence": a.fence, "state": a.state, "reason": a.reason,
+                     "assigned_at": a.assigned_at, "started_at": a.started_at, "ended_at": a.ended_at}
                     for a in (core.attempts[i] for i in step.attempts)]
         steps.append({"id": step.id, "kind": step.kind, "state": step.state, "attempts": attempts,
                       "output": step.output, "error": step.error})

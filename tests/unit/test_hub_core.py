@@ -357,3 +357,60 @@ def test_old_finished_runs_shrink_to_summaries(d: Driver, monkeypatch: pytest.Mo
     d.submit("r0", spec({"id": "a", "uses": "echo"}))  # a run id is never reused
     assert "r0" not in d.core.runs
     assert summary(Core().fold(d.journal)) == summary(d.core)
+
+
+def test_migrate_moves_only_migratable_attempts_within_limits(d: Driver) -> None:
+    from hub.events import ActionTaken
+    from hub.health import Limits, Policy
+
+    d.core.policy = Policy(limits=Limits(max_migrations_per_run=1))
+    d.node("hot", slots=4)
+    d.submit("r1", spec({"id": "m", "uses": "sleep", "migratable": True}, {"id": "p", "uses": "sleep"}))
+    first = {c.step: c for c in d.tick()}
+    assert {c.node for c in first.values()} == {"hot"}
+    d.node("cool", slots=4)
+    d.feed(ActionTaken(d.now, "hot", "throttle", "test"))
+    commands = d.feed(ActionTaken(d.now, "hot", "migrate", "temp 95 over 85 for 1 s"))
+    assert commands == [SendCancel("hot", (("r1", "m", first["m"].attempt, first["m"].fence),),
+                                   "migrated off hot: temp 95 over 85 for 1 s")]
+    (moved,) = [c for c in d.tick() if isinstance(c, SendAssign)]
+    assert moved.step == "m" and moved.node == "cool" and moved.fence > first["m"].fence
+    assert d.core.runs["r1"].steps["p"].attempts == [first["p"].attempt]  # non-migratable: stays
+    assert d.core.runs["r1"].steps["m"].failures == 0  # a migration is not a failure
+    d.feed(StepReported(d.now, "cool", moved.attempt, moved.fence, "started"))
+    d.feed(ActionTaken(d.now, "cool", "migrate", "again"))  # the run's limit (1) is used up
+    assert d.core.attempts[moved.attempt].state == "running"
+    assert d.core.nodes["cool"].history[-1]["action"] == "migrate-skipped"
+
+
+def test_breaker_opens_half_opens_and_closes(d: Driver) -> None:
+    from hub.health import Breaker, Policy
+
+    d.core.policy = Policy(breaker=Breaker(failures=2, window=60, cooldown=5, successes=1))
+    d.node("n1", slots=4)
+    for i in range(2):
+        d.submit(f"f{i}", spec({"id": "a", "uses": "fail", "retry": {"max_attempts": 1}}))
+    for cmd in d.tick():
+        d.finish(cmd, ok=False)
+    d.tick()
+    assert d.core.nodes["n1"].breaker == "open"
+    d.submit("ok", spec({"id": "a", "uses": "echo"}))
+    assert [c for c in d.tick(1_000) if isinstance(c, SendAssign)] == []  # open: no work
+    probes = [c for c in d.tick(4_500) if isinstance(c, SendAssign)]
+    assert d.core.nodes["n1"].breaker == "half_open" and len(probes) == 1
+    d.finish(probes[0])
+    d.tick()
+    assert d.core.nodes["n1"].breaker == "closed"
+    assert [h["state"] for h in d.core.nodes["n1"].history if h["kind"] == "breaker"] == ["open", "half_open",
+                                                                                            "closed"]
+
+
+def test_overload_slows_the_fleets_telemetry_and_recovery_restores_it(d: Driver) -> None:
+    from hub.events import HubLoadChanged
+    from hub.state import SendConfig
+
+    d.node("n1")
+    d.node("n2")
+    slow = d.feed(HubLoadChanged(d.now, True, "event-loop lag"))
+    assert slow == [SendConfig("n1", 40.0), SendConfig("n2", 40.0)] and d.core.overloaded
+    assert d.feed(HubLoadChanged(d.now, False, "ok")) == [SendConfig("n1", 10.0), SendConfig("n2", 10.0)]
