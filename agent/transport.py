@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -95,6 +96,18 @@ class MqttTransport:
     def __init__(self, settings: BrokerSettings) -> None:
         self.settings = settings
         self.host, self.port, self.tls = settings.parsed()
+        self._client: aiomqtt.Client | None = None
+
+    def abort(self) -> None:
+        """Drop the connection like a power cut: a TCP reset, no DISCONNECT, so the broker publishes the Will.
+        Used by the simulator's fault injection."""
+        paho = getattr(self._client, "_client", None)
+        sock = paho.socket() if paho is not None else None
+        if sock is None:
+            return
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.shutdown(socket.SHUT_RDWR)
 
     @contextlib.asynccontextmanager
     async def connect(self, client_id: str, will: Will | None) -> AsyncIterator[Session]:
@@ -115,8 +128,10 @@ class MqttTransport:
             await client.__aenter__()
         except aiomqtt.MqttError as exc:
             raise TransportError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+        self._client = client
         try:
             yield _MqttSession(client)
         finally:
+            self._client = None
             with contextlib.suppress(aiomqtt.MqttError, OSError, RuntimeError):
                 await client.__aexit__(None, None, None)

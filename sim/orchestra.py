@@ -1,0 +1,123 @@
+"""Runs simulator worker processes and talks to them (spawn, stats, faults, stop)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def plan(devices: int, mix: dict[str, int], fleet: str) -> list[dict[str, str]]:
+    """Node ids and profiles for `devices` devices in the proportions of `mix` (largest remainder)."""
+    total = sum(mix.values())
+    shares = {name: devices * weight / total for name, weight in mix.items()}
+    counts = {name: int(share) for name, share in shares.items()}
+    for name in sorted(shares, key=lambda n: shares[n] - counts[n], reverse=True)[:devices - sum(counts.values())]:
+        counts[name] += 1
+    out = []
+    for name, count in counts.items():
+        out += [{"node_id": f"{name}-{i:04d}", "profile": name} for i in range(count)]
+    return out
+
+
+def parse_mix(text: str) -> dict[str, int]:
+    mix = {}
+    for part in text.split(","):
+        name, sep, weight = part.partition("=")
+        if not sep or not weight.strip().isdigit() or int(weight) <= 0:
+            raise ValueError(f"--mix {text!r}: expected name=weight,... with positive integer weights")
+        mix[name.strip()] = int(weight)
+    return mix
+
+
+@dataclass
+class Worker:
+    proc: asyncio.subprocess.Process
+    nodes: list[str]
+    stats: dict[str, Any] = field(default_factory=dict)
+    killed: dict[str, int] = field(default_factory=dict)
+    reader: asyncio.Task[None] | None = None
+
+    async def send(self, command: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(command) + "\n").encode())
+        with contextlib.suppress(ConnectionError):
+            await self.proc.stdin.drain()
+
+
+class Orchestra:
+    def __init__(self, broker: str, fleet: str, hub_key: str, root: Path, devices: list[dict[str, str]],
+                 procs: int = 2, seed: int = 7, heartbeat: float | None = None, telemetry: float | None = None) -> None:
+        self.broker, self.fleet, self.hub_key, self.root = broker, fleet, hub_key, root
+        self.devices, self.procs, self.seed = devices, max(1, procs), seed
+        self.heartbeat, self.telemetry = heartbeat, telemetry
+        self.workers: list[Worker] = []
+        self.rng = random.Random(seed)
+
+    async def start(self) -> None:
+        for index in range(self.procs):
+            chunk = self.devices[index::self.procs]
+            if not chunk:
+                continue
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "sim.worker", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=open(self.root / f"worker-{index}.log", "ab"))
+            worker = Worker(proc, [d["node_id"] for d in chunk])
+            config = {"broker": self.broker, "fleet": self.fleet, "hub_key": self.hub_key, "root": str(self.root),
+                      "devices": chunk, "seed": self.seed + index, "heartbeat": self.heartbeat,
+                      "telemetry": self.telemetry}
+            await worker.send(config)
+            worker.reader = asyncio.create_task(self._read(worker))
+            self.workers.append(worker)
+
+    async def _read(self, worker: Worker) -> None:
+        assert worker.proc.stdout is not None
+        while line := await worker.proc.stdout.readline():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "stats":
+                worker.stats = event
+            elif event.get("event") == "killed":
+                worker.killed[event["node"]] = event["at"]
+
+    def owner(self, node: str) -> Worker:
+        return next(w for w in self.workers if node in w.nodes)
+
+    async def kill(self, nodes: list[str]) -> None:
+        for node in nodes:
+            await self.owner(node).send({"cmd": "kill", "nodes": [node]})
+
+    async def heat(self, node: str, temp: float) -> None:
+        await self.owner(node).send({"cmd": "heat", "node": node, "temp": temp})
+
+    @property
+    def connected(self) -> int:
+        return sum(int(w.stats.get("connected", 0)) for w in self.workers)
+
+    @property
+    def outbox(self) -> int:
+        return sum(int(w.stats.get("outbox", 0)) for w in self.workers)
+
+    @property
+    def killed(self) -> dict[str, int]:
+        return {node: at for w in self.workers for node, at in w.killed.items()}
+
+    async def stop(self) -> None:
+        for worker in self.workers:
+            with contextlib.suppress(ConnectionError, ProcessLookupError):
+                await worker.send({"cmd": "stop"})
+        for worker in self.workers:
+            try:
+                await asyncio.wait_for(worker.proc.wait(), 15)
+            except asyncio.TimeoutError:
+                worker.proc.kill()
+                await worker.proc.wait()
+            if worker.reader is not None:
+                worker.reader.cancel()

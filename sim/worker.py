@@ -1,0 +1,144 @@
+"""One simulator process: many virtual devices, each the real `agent.node.Agent` with its own MQTT connection,
+identity, Last Will, outbox and boot counter; telemetry and hardware steps are simulated.
+
+Started by `fleetflow sim` and `fleetflow demo` as `python -m sim.worker`. The first stdin line is the JSON config;
+later lines are commands (`{"cmd": "kill", "nodes": [...]}`, `{"cmd": "heat", "node": ..., "temp": 95}`,
+`{"cmd": "stop"}`). It writes JSON lines to stdout: `ready`, `stats` every second, `killed` with the time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.config import AgentConfig
+from agent.executors import StepContext, StepFailed
+from agent.node import Agent
+from agent.transport import BrokerSettings, MqttTransport
+
+from .profiles import DeviceProfile, load_all
+from .telemetry import SimTelemetry
+
+
+@dataclass
+class Device:
+    node_id: str
+    profile: DeviceProfile
+    agent: Agent
+    transport: MqttTransport
+    telemetry: SimTelemetry
+    task: asyncio.Task[None] | None = None
+    killed_at: float | None = None
+
+
+def hardware_steps(telemetry: SimTelemetry, profile: DeviceProfile, rng: random.Random) -> dict[str, Any]:
+    """Steps that would touch hardware, simulated: reading sensors and applying a software update."""
+
+    async def sensor(inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        await asyncio.sleep(0.05 * profile.sim.step_speed)
+        return {"temperature": round(telemetry.temp, 1), "humidity": round(telemetry.humidity, 1),
+                "battery": round(rng.uniform(60, 100), 0)}
+
+    async def update(inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        telemetry.busy += 1
+        try:
+            await asyncio.sleep(float(inputs.get("seconds", 1.0)) * profile.sim.step_speed)
+        finally:
+            telemetry.busy -= 1
+        if rng.random() < profile.sim.failure_rate:
+            raise StepFailed(f"simulated update failure on {ctx.attempt}")
+        return {"version": str(inputs.get("version", "1.0.0"))}
+
+    return {"sensor": sensor, "update": update}
+
+
+def emit(event: str, **fields: Any) -> None:
+    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+async def run(config: dict[str, Any]) -> None:
+    profiles = load_all()
+    root = Path(config["root"])
+    rng = random.Random(config.get("seed", 1))
+    scale = float(config.get("time_scale", 0.05))  # boot times are scaled down: a demo should not wait minutes
+    devices: dict[str, Device] = {}
+    for spec in config["devices"]:
+        profile = profiles[spec["profile"]]
+        telemetry = SimTelemetry(profile, random.Random(rng.random()))
+        transport = MqttTransport(BrokerSettings(config["broker"], keepalive=int(config.get("keepalive", 10))))
+        settings = AgentConfig(broker=config["broker"], fleet=config["fleet"], node_id=spec["node_id"],
+                               data=root / spec["node_id"], profile=profile.name,
+                               hub_key=bytes.fromhex(config["hub_key"]), heartbeat=config.get("heartbeat"),
+                               telemetry=config.get("telemetry"), grace_period=2.0)
+        agent = Agent(settings, transport=transport, telemetry=telemetry,
+                      extra_executors=hardware_steps(telemetry, profile, random.Random(rng.random())),
+                      speed=profile.sim.step_speed)
+        devices[spec["node_id"]] = Device(spec["node_id"], profile, agent, transport, telemetry)
+
+    async def boot(device: Device) -> None:
+        await asyncio.sleep(device.profile.sim.boot_time_s * scale * rng.random())
+        await device.agent.run()
+
+    for device in devices.values():
+        device.task = asyncio.create_task(boot(device))
+    emit("ready", devices=len(devices))
+    stop = asyncio.Event()
+
+    async def commands() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            if not line:
+                stop.set()
+                return
+            cmd = json.loads(line)
+            if cmd["cmd"] == "kill":
+                for node in cmd["nodes"]:
+                    device = devices[node]
+                    device.transport.abort()  # a power cut: no DISCONNECT, the broker publishes the Will
+                    if device.task is not None:
+                        device.task.cancel()
+                    device.killed_at = time.time()
+                    emit("killed", node=node, at=int(device.killed_at * 1000))
+            elif cmd["cmd"] == "heat":
+                devices[cmd["node"]].telemetry.overrides["temp"] = float(cmd["temp"])
+                emit("heated", node=cmd["node"], temp=float(cmd["temp"]))
+            elif cmd["cmd"] == "stop":
+                stop.set()
+                return
+
+    command_task = asyncio.create_task(commands())
+    while not stop.is_set():
+        connected = sum(1 for d in devices.values() if d.agent.session is not None)
+        outbox = sum(d.agent.outbox.depth() for d in devices.values() if d.killed_at is None
+                     and d.task is not None and not d.task.done())
+        emit("stats", connected=connected, devices=len(devices), outbox=outbox,
+             killed=sum(1 for d in devices.values() if d.killed_at is not None))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+    for device in devices.values():
+        if device.killed_at is None:
+            device.agent.stop()
+    await asyncio.gather(*(d.task for d in devices.values() if d.task is not None), return_exceptions=True)
+    command_task.cancel()
+    emit("stopped")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = json.loads(sys.stdin.readline())
+    asyncio.run(run(config))
+
+
+if __name__ == "__main__":
+    main()
