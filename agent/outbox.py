@@ -98,6 +98,11 @@ class Outbox:
     def depth(self) -> int:
         return self._count
 
+    def unacknowledged(self) -> int:
+        """Step events and results still waiting for the hub's ack (telemetry is not counted: it may be shed)."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM entries WHERE kind = 'evt'").fetchone()[0])
+
     def has_room_for_new_work(self) -> bool:
         return self._bytes + self.reserve_bytes <= self.max_bytes
 

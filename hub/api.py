@@ -109,7 +109,7 @@ def create_app(hub: Hub) -> FastAPI:
         return {"status": "overloaded" if core.overloaded else "ok", "fleet": hub.config.fleet, "boot": hub.signer.boot,
                 "connected": hub.session is not None,
                 "journal_seq": hub.journal.last_seq, "nodes": len(core.nodes), "active_runs": len(core.active),
-                "queue": len(core.queue), "version": __version__}
+                "queue": len(core.queue), "version": __version__, "public_key": hub.public_key.hex()}
 
     @app.post("/runs", dependencies=guarded, status_code=201)
     async def submit(body: SubmitRun, idempotency_key: str | None = Header(default=None)) -> dict[str, Any]:

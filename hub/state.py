@@ -585,6 +585,7 @@ class Core:
             node = self.nodes[ev.node] = Node(ev.node)
         elif node.state != "online":
             _move(LIVENESS_TRANSITIONS, "node", node, "online")
+            node.remember({"at": ev.at, "kind": "liveness", "state": "online", "reason": f"birth, boot {ev.boot}"})
         node.boot, node.profile, node.labels = ev.boot, ev.profile, dict(ev.labels)
         node.caps, node.slots, node.resources, node.hb = frozenset(ev.caps), ev.slots, dict(ev.resources), ev.hb
         node.tel = ev.tel
@@ -633,6 +634,7 @@ class Core:
             return []
         _move(LIVENESS_TRANSITIONS, "node", node, state)
         node.changed_at = at
+        node.remember({"at": at, "kind": "liveness", "state": state, "reason": reason})
         commands: list[Command] = []
         for attempt_id in sorted(node.attempts, key=lambda a: self.attempts[a].fence):
             attempt = self.attempts[attempt_id]

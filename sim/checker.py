@@ -35,7 +35,7 @@ class Verdict:
 
 
 def check(get: Callable[[str], Any], killed: dict[str, int], outbox_depth: int | None = None,
-          injected_bad: int = 0, refused_bad: int = 0) -> Verdict:
+          injected_bad: int = 0, refused_bad: int = 0, partitioned: dict[str, int] | None = None) -> Verdict:
     """`get(path)` reads the hub API; `killed` maps node id -> kill time (ms, wall clock)."""
     verdict = Verdict()
     runs = get("/runs?limit=100000")
@@ -57,7 +57,7 @@ def check(get: Callable[[str], Any], killed: dict[str, int], outbox_depth: int |
                 + (f": {twice[:5]}" if twice else ""))
     lost_ok = not live and (outbox_depth in (None, 0))
     verdict.add("no result lost", lost_ok,
-                f"live attempts in finished runs: {len(live)}; outbox entries left on live devices: {outbox_depth}")
+                f"live attempts in finished runs: {len(live)}; unacknowledged results on live devices: {outbox_depth}")
     nodes = {n["id"]: n for n in get("/nodes")}
     detections, undetected = [], []
     for node_id, at in sorted(killed.items()):
@@ -72,6 +72,20 @@ def check(get: Callable[[str], Any], killed: dict[str, int], outbox_depth: int |
                 f"{len(detections)}/{len(killed)} detected" +
                 (f", detection max {max(detections)} ms" if detections else "") +
                 (f"; undetected: {undetected}" if undetected else ""))
+    if partitioned:
+        times, missed = [], []
+        for node_id, start in sorted(partitioned.items()):
+            history = get(f"/nodes/{node_id}").get("history", [])
+            failed = [h["at"] for h in history if h["kind"] == "liveness" and h["state"] == "failed" and h["at"] >= start]
+            if failed:
+                times.append(failed[0] - start)
+            else:
+                missed.append(node_id)
+        if times:
+            verdict.figures["partition_detection_ms"] = {"max": max(times), "mean": round(sum(times) / len(times))}
+        verdict.add("every partitioned device detected", not missed,
+                    f"{len(times)}/{len(partitioned)} detected" + (f", detection max {max(times)} ms" if times else "")
+                    + (f"; undetected: {missed}" if missed else ""))
     if injected_bad:
         verdict.add("every forged or replayed message refused", refused_bad >= injected_bad,
                     f"{refused_bad} refused of {injected_bad} injected")

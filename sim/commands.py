@@ -29,6 +29,54 @@ def demo(devices: int = typer.Option(100, "--devices", min=1, max=2000, help="Si
     raise typer.Exit(run_demo(devices, broker, keep_running, seed))
 
 
+def sim(broker: str = typer.Option(..., help="mqtt://HOST:PORT of the fleet's broker"),
+        fleet: str = typer.Option(..., help="Fleet id (must be the hub's)"),
+        devices: int = typer.Option(50, "--devices", min=1, max=20000, help="Simulated devices"),
+        mix: str = typer.Option("rpi4=35,gateway=25,ipc=15,jetson=10,container=15", help="profile=weight,..."),
+        procs: int = typer.Option(2, "--procs", min=1, max=64, help="Simulator processes"),
+        duration: float = typer.Option(60.0, "--duration", min=1, help="Seconds to run after every device is up"),
+        faults: Optional[Path] = typer.Option(None, "--faults", help="Fault file (YAML), e.g. sim/faults/mixed.yaml"),
+        report: Optional[Path] = typer.Option(None, "--report", help="Write a JSON report here"),
+        keepalive: int = typer.Option(10, "--keepalive", min=1, help="MQTT keepalive of each device, s"),
+        seed: int = typer.Option(7, "--seed"),
+        hub: Optional[str] = typer.Option(None, "--hub", help="Hub API URL [FLEETFLOW_HUB]"),
+        token: Optional[str] = typer.Option(None, "--token", help="API token [FLEETFLOW_TOKEN]"),
+        data: Optional[Path] = typer.Option(None, "--data", help="Data directory of a local hub")) -> None:
+    """Simulated devices running the real agent against a hub, with faults; ends with the checker (exit 1 on FAIL)."""
+    import asyncio
+
+    from rich.console import Console
+
+    from agent.config import ConfigError, _broker, _id
+    from hub.commands import Client
+    from hub.workflow import WorkflowError
+
+    from .faults import load_faults
+    from .orchestra import parse_mix
+    from .profiles import load_all
+    from .run import Simulation
+
+    try:
+        _broker(broker, "--broker")
+        _id(fleet, "--fleet")
+        weights = parse_mix(mix)
+    except (ConfigError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    unknown = set(weights) - set(load_all())
+    if unknown:
+        typer.echo(f"error: --mix names unknown profile(s) {', '.join(sorted(unknown))}", err=True)
+        raise typer.Exit(2)
+    try:
+        plan = load_faults(faults) if faults else None
+    except (WorkflowError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    api = Client(hub, token, data)
+    simulation = Simulation(api, broker, fleet, devices, weights, procs, duration, plan, keepalive, seed, Console())
+    raise typer.Exit(asyncio.run(simulation.run(report)))
+
+
 @profiles_app.command("list")
 def profiles_list(as_json: bool = typer.Option(False, "--json")) -> None:
     """Every known device class."""
@@ -78,4 +126,5 @@ def profiles_validate(files: list[Path] = typer.Argument(None, help="Profile fil
 
 def register(app: typer.Typer) -> None:
     app.command("demo")(demo)
+    app.command("sim")(sim)
     app.add_typer(profiles_app, name="profiles")

@@ -41,6 +41,7 @@ class Worker:
     nodes: list[str]
     stats: dict[str, Any] = field(default_factory=dict)
     killed: dict[str, int] = field(default_factory=dict)
+    partitioned: dict[str, int] = field(default_factory=dict)
     reader: asyncio.Task[None] | None = None
 
     async def send(self, command: dict[str, Any]) -> None:
@@ -52,10 +53,12 @@ class Worker:
 
 class Orchestra:
     def __init__(self, broker: str, fleet: str, hub_key: str, root: Path, devices: list[dict[str, str]],
-                 procs: int = 2, seed: int = 7, heartbeat: float | None = None, telemetry: float | None = None) -> None:
+                 procs: int = 2, seed: int = 7, heartbeat: float | None = None, telemetry: float | None = None,
+                 relay: bool = False, keepalive: int = 10) -> None:
         self.broker, self.fleet, self.hub_key, self.root = broker, fleet, hub_key, root
         self.devices, self.procs, self.seed = devices, max(1, procs), seed
         self.heartbeat, self.telemetry = heartbeat, telemetry
+        self.relay, self.keepalive = relay, keepalive
         self.workers: list[Worker] = []
         self.rng = random.Random(seed)
 
@@ -70,7 +73,7 @@ class Orchestra:
             worker = Worker(proc, [d["node_id"] for d in chunk])
             config = {"broker": self.broker, "fleet": self.fleet, "hub_key": self.hub_key, "root": str(self.root),
                       "devices": chunk, "seed": self.seed + index, "heartbeat": self.heartbeat,
-                      "telemetry": self.telemetry}
+                      "telemetry": self.telemetry, "relay": self.relay, "keepalive": self.keepalive}
             await worker.send(config)
             worker.reader = asyncio.create_task(self._read(worker))
             self.workers.append(worker)
@@ -86,6 +89,8 @@ class Orchestra:
                 worker.stats = event
             elif event.get("event") == "killed":
                 worker.killed[event["node"]] = event["at"]
+            elif event.get("event") == "partitioned":
+                worker.partitioned[event["node"]] = event["at"]
 
     def owner(self, node: str) -> Worker:
         return next(w for w in self.workers if node in w.nodes)
@@ -96,6 +101,13 @@ class Orchestra:
 
     async def heat(self, node: str, temp: float) -> None:
         await self.owner(node).send({"cmd": "heat", "node": node, "temp": temp})
+
+    async def fault(self, node: str, command: dict[str, Any]) -> None:
+        await self.owner(node).send({**command, "nodes": [node]})
+
+    @property
+    def partitioned(self) -> dict[str, int]:
+        return {node: at for w in self.workers for node, at in w.partitioned.items()}
 
     @property
     def connected(self) -> int:

@@ -22,9 +22,11 @@ from typing import Any
 from agent.config import AgentConfig
 from agent.executors import StepContext, StepFailed
 from agent.node import Agent
+from agent.telemetry import now_ms
 from agent.transport import BrokerSettings, MqttTransport
 
 from .profiles import DeviceProfile, load_all
+from .relay import Relay
 from .telemetry import SimTelemetry
 
 
@@ -37,6 +39,8 @@ class Device:
     telemetry: SimTelemetry
     task: asyncio.Task[None] | None = None
     killed_at: float | None = None
+    relay: Relay | None = None
+    skew_ms: int = 0
 
 
 def hardware_steps(telemetry: SimTelemetry, profile: DeviceProfile, rng: random.Random) -> dict[str, Any]:
@@ -71,18 +75,33 @@ async def run(config: dict[str, Any]) -> None:
     rng = random.Random(config.get("seed", 1))
     scale = float(config.get("time_scale", 0.05))  # boot times are scaled down: a demo should not wait minutes
     devices: dict[str, Device] = {}
-    for spec in config["devices"]:
+    broker = BrokerSettings(config["broker"])
+    host, port, _ = broker.parsed()
+
+    def make(spec: dict[str, str], telemetry: SimTelemetry | None = None, relay: Relay | None = None,
+             skew_ms: int = 0) -> Device:
         profile = profiles[spec["profile"]]
-        telemetry = SimTelemetry(profile, random.Random(rng.random()))
-        transport = MqttTransport(BrokerSettings(config["broker"], keepalive=int(config.get("keepalive", 10))))
-        settings = AgentConfig(broker=config["broker"], fleet=config["fleet"], node_id=spec["node_id"],
+        telemetry = telemetry or SimTelemetry(profile, random.Random(rng.random()))
+        url = f"mqtt://127.0.0.1:{relay.port}" if relay is not None else config["broker"]
+        transport = MqttTransport(BrokerSettings(url, keepalive=int(config.get("keepalive", 10))))
+        settings = AgentConfig(broker=url, fleet=config["fleet"], node_id=spec["node_id"],
                                data=root / spec["node_id"], profile=profile.name,
                                hub_key=bytes.fromhex(config["hub_key"]), heartbeat=config.get("heartbeat"),
                                telemetry=config.get("telemetry"), grace_period=2.0)
-        agent = Agent(settings, transport=transport, telemetry=telemetry,
-                      extra_executors=hardware_steps(telemetry, profile, random.Random(rng.random())),
-                      speed=profile.sim.step_speed)
-        devices[spec["node_id"]] = Device(spec["node_id"], profile, agent, transport, telemetry)
+        device = Device(spec["node_id"], profile, None, transport, telemetry, relay=relay, skew_ms=skew_ms)  # type: ignore[arg-type]
+        device.agent = Agent(settings, transport=transport, telemetry=telemetry,
+                             clock_ms=lambda: now_ms() + device.skew_ms,
+                             extra_executors=hardware_steps(telemetry, profile, random.Random(rng.random())),
+                             speed=profile.sim.step_speed)
+        return device
+
+    specs = {spec["node_id"]: spec for spec in config["devices"]}
+    for spec in config["devices"]:
+        relay = None
+        if config.get("relay"):
+            relay = Relay(host, port)
+            await relay.start()
+        devices[spec["node_id"]] = make(spec, relay=relay)
 
     async def boot(device: Device) -> None:
         await asyncio.sleep(device.profile.sim.boot_time_s * scale * rng.random())
@@ -101,25 +120,57 @@ async def run(config: dict[str, Any]) -> None:
                 stop.set()
                 return
             cmd = json.loads(line)
-            if cmd["cmd"] == "kill":
-                for node in cmd["nodes"]:
-                    device = devices[node]
-                    device.transport.abort()  # a power cut: no DISCONNECT, the broker publishes the Will
-                    if device.task is not None:
-                        device.task.cancel()
-                    device.killed_at = time.time()
-                    emit("killed", node=node, at=int(device.killed_at * 1000))
-            elif cmd["cmd"] == "heat":
-                devices[cmd["node"]].telemetry.overrides["temp"] = float(cmd["temp"])
-                emit("heated", node=cmd["node"], temp=float(cmd["temp"]))
-            elif cmd["cmd"] == "stop":
+            if cmd["cmd"] == "stop":
                 stop.set()
                 return
+            asyncio.create_task(apply(cmd))
+
+    async def power_cut(device: Device) -> None:
+        device.transport.abort()  # no DISCONNECT: the broker publishes the Will
+        if device.task is not None:
+            device.task.cancel()
+            await asyncio.gather(device.task, return_exceptions=True)
+
+    async def apply(cmd: dict[str, Any]) -> None:
+        kind = cmd["cmd"]
+        for node in cmd.get("nodes", [cmd.get("node")]):
+            device = devices[node]
+            if kind == "kill":
+                await power_cut(device)
+                device.killed_at = time.time()
+                emit("killed", node=node, at=int(device.killed_at * 1000))
+            elif kind == "heat":
+                device.telemetry.overrides["temp"] = float(cmd["temp"])
+                emit("heated", node=node, temp=float(cmd["temp"]))
+            elif kind == "spike":
+                device.telemetry.overrides.update(cmd["metrics"])
+                await asyncio.sleep(float(cmd["for"]))
+                for metric in cmd["metrics"]:
+                    device.telemetry.overrides.pop(metric, None)
+            elif kind == "slow":
+                device.agent.runner.speed *= float(cmd["factor"])
+            elif kind == "skew":
+                device.skew_ms = int(float(cmd["seconds"]) * 1000)
+            elif kind == "partition" and device.relay is not None:
+                device.relay.pause()
+                emit("partitioned", node=node, at=now_ms())
+                await asyncio.sleep(float(cmd["for"]))
+                device.relay.resume()
+                emit("healed", node=node, at=now_ms())
+            elif kind == "flap":
+                for _ in range(int(cmd["times"])):
+                    await power_cut(device)
+                    emit("flapped", node=node, at=now_ms())
+                    await asyncio.sleep(float(cmd["every"]))
+                    fresh = make(specs[node], device.telemetry, device.relay, device.skew_ms)
+                    fresh.task = asyncio.create_task(fresh.agent.run())
+                    devices[node] = device = fresh
+                    await asyncio.sleep(float(cmd["every"]))
 
     command_task = asyncio.create_task(commands())
     while not stop.is_set():
         connected = sum(1 for d in devices.values() if d.agent.session is not None)
-        outbox = sum(d.agent.outbox.depth() for d in devices.values() if d.killed_at is None
+        outbox = sum(d.agent.outbox.unacknowledged() for d in devices.values() if d.killed_at is None
                      and d.task is not None and not d.task.done())
         emit("stats", connected=connected, devices=len(devices), outbox=outbox,
              killed=sum(1 for d in devices.values() if d.killed_at is not None))

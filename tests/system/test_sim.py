@@ -1,0 +1,55 @@
+"""`fleetflow sim`: 50 simulated devices against Mosquitto and a hub process, with kills, a partition, a spike and
+a rogue device; the checker must pass."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.brokers import Broker
+from tests.hubprocess import HubProcess
+
+FAULTS = """
+faults:
+  - {at: 2, kill: {count: 3}}
+  - {at: 3, partition: {count: 2, for: 8}}
+  - {at: 4, spike: {count: 2, metrics: {cpu: 99, temp: 97}, for: 5}}
+  - {at: 5, rogue: {forged: 5, replayed: 5}}
+"""
+
+
+def test_fifty_devices_with_faults_pass_the_checker(mosquitto: Broker, tmp_path: Path) -> None:
+    hub = HubProcess(mosquitto, "sim50", tmp_path / "hub").start()
+    try:
+        faults = tmp_path / "faults.yaml"
+        faults.write_text(FAULTS)
+        report = tmp_path / "report.json"
+        exe = Path(sys.executable).parent / "fleetflow"
+        out = subprocess.run([str(exe), "sim", "--broker", mosquitto.url, "--fleet", "sim50", "--devices", "50",
+                              "--duration", "15", "--faults", str(faults), "--keepalive", "2", "--report", str(report),
+                              "--data", str(hub.data)], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+        result = json.loads(report.read_text())
+        assert result["passed"] and len(result["killed"]) == 3 and len(result["partitioned"]) == 2
+        assert result["refused_bad_messages"] >= result["injected_bad_messages"] == 10
+        # the broker drops a silent client 1.5 keepalives after its last packet and checks about once a second
+        assert result["figures"]["partition_detection_ms"]["max"] <= 1.5 * 2000 + 2500
+        assert {c["name"] for c in result["checks"]} >= {"every partitioned device detected",
+                                                         "every forged or replayed message refused"}
+    finally:
+        hub.stop()
+
+
+def test_sim_usage_errors(tmp_path: Path) -> None:
+    exe = Path(sys.executable).parent / "fleetflow"
+    bad = tmp_path / "faults.yaml"
+    bad.write_text("faults:\n  - {at: 1, kill: {count: 1}, rogue: {}}\n")
+    cases = [(["--mix", "toaster=1"], "unknown profile"), (["--faults", str(bad)], "exactly one kind"),
+             (["--mix", "rpi4"], "name=weight")]
+    for extra, says in cases:
+        out = subprocess.run([str(exe), "sim", "--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--hub",
+                              "http://127.0.0.1:1", "--token", "t", *extra], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, (extra, out.stderr)
