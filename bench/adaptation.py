@@ -60,12 +60,12 @@ def main() -> None:
                 first = hub.wait(lambda: next((a for s in hub.get(f"/runs/{run_id}")["steps"] for a in s["attempts"]
                                                if a["state"] == "running"), None), 20, "running")
                 hot = first["node"]
-                history_len = len(hub.get(f"/nodes/{hot}")["history"])
+                heated_at = int(time.time() * 1000)  # the history is capped: select by time, not by position
                 files[hot].write_text(json.dumps({"temp": 95}))
                 moved = hub.wait(lambda: next((a for s in hub.get(f"/runs/{run_id}")["steps"] for a in s["attempts"]
                                                if a["state"] == "running" and a["node"] != hot), None), 30, "moved")
-                declared = next(h for h in hub.get(f"/nodes/{hot}")["history"][history_len:]
-                                if h["kind"] == "health" and h["health"] == "unhealthy")
+                declared = next(h for h in hub.get(f"/nodes/{hot}")["history"]
+                                if h["kind"] == "health" and h["health"] == "unhealthy" and h["at"] >= heated_at)
                 latencies.append(moved["started_at"] - declared["at"])
                 files[hot].write_text(json.dumps({"temp": 40}))
                 hub.post(f"/runs/{run_id}/cancel", {"reason": "bench round over"})

@@ -56,6 +56,9 @@ class HubMetrics:
                                       ["health"], registry=self.registry)
         self.actions = Counter("fleetflow_adaptation_actions", "Adaptation actions taken, by action", ["action"],
                                registry=self.registry)
+        self.ingest_lag = Histogram("fleetflow_ingest_lag_seconds", "Time from receiving a message to applying it",
+                                    registry=self.registry,
+                                    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.registry.register(_StateCollector(hub))
 
     def count_decision(self, event: Any) -> None:

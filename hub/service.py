@@ -278,6 +278,10 @@ class Hub:
             for decision in decisions:
                 commands += self.core.apply(decision)
                 self.metrics.count_decision(decision)
+        applied = now_ms()
+        for item in batch:
+            if not isinstance(item, _Request):
+                self.metrics.ingest_lag.observe((applied - item[2]) / 1000)
         for request in requests:
             if not request.future.done():
                 request.future.set_result(request.result)
