@@ -136,8 +136,8 @@ async def run(config: dict[str, Any]) -> None:
         for node in cmd.get("nodes", [cmd.get("node")]):
             device = devices[node]
             if kind == "kill":
+                device.killed_at = time.time()  # before the cut: detection is measured from this moment
                 await power_cut(device)
-                device.killed_at = time.time()
                 emit("killed", node=node, at=int(device.killed_at * 1000))
             elif kind == "heat":
                 device.telemetry.overrides["temp"] = float(cmd["temp"])
