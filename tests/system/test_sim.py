@@ -53,3 +53,27 @@ def test_sim_usage_errors(tmp_path: Path) -> None:
                               "http://127.0.0.1:1", "--token", "t", *extra], capture_output=True, text=True,
                              timeout=60)
         assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, (extra, out.stderr)
+
+
+def test_flapping_slow_and_skewed_devices(mosquitto: Broker, tmp_path: Path) -> None:
+    """A device that loses power and reboots twice, slow devices, and a clock 30 s ahead (inside the commands'
+    60 s lifetime): the fleet keeps working and the checker passes."""
+    hub = HubProcess(mosquitto, "flaky", tmp_path / "hub").start()
+    try:
+        faults = tmp_path / "faults.yaml"
+        faults.write_text("faults:\n  - {at: 1, flap: {count: 1, times: 2, every: 2}}\n"
+                          "  - {at: 1, slow: {count: 2, factor: 3}}\n  - {at: 1, skew: {count: 1, seconds: 30}}\n")
+        report = tmp_path / "report.json"
+        exe = Path(sys.executable).parent / "fleetflow"
+        out = subprocess.run([str(exe), "sim", "--broker", mosquitto.url, "--fleet", "flaky", "--devices", "12",
+                              "--duration", "12", "--faults", str(faults), "--report", str(report), "--data",
+                              str(hub.data), "--procs", "1"], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+        result = json.loads(report.read_text())
+        assert result["passed"] and [f.split(":")[0] for f in result["faults"]] == ["flap", "slow", "skew"]
+        flapped = result["faults"][0].split(": ")[1]
+        states = [h["state"] for h in hub.get(f"/nodes/{flapped}")["history"] if h["kind"] == "liveness"]
+        # two power cuts, each seen by the hub and each followed by a reboot; then the clean end of the simulation
+        assert states == ["failed", "online", "failed", "online", "offline"], states
+    finally:
+        hub.stop()
