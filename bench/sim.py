@@ -22,9 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import httpx  # noqa: E402
-
 from sim.orchestra import Orchestra, plan  # noqa: E402
+from sim.run import lag_p99  # noqa: E402
 from tests.brokers import Broker  # noqa: E402
 from tests.hubprocess import HubProcess  # noqa: E402
 
@@ -33,19 +32,6 @@ MIX = {"rpi4": 35, "gateway": 25, "ipc": 15, "jetson": 10, "container": 15}
 
 def metric(text: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
-
-
-def lag_p99(text: str) -> float:
-    buckets = []
-    for line in text.splitlines():
-        if line.startswith("fleetflow_ingest_lag_seconds_bucket"):
-            le = line.split('le="')[1].split('"')[0]
-            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
-    total = buckets[-1][1] if buckets else 0
-    for le, count in buckets:
-        if total and count >= 0.99 * total:
-            return le
-    return float("nan")
 
 
 async def size_run(tmp: Path, devices: int, seconds: float, procs: int) -> dict[str, float]:

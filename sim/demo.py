@@ -47,6 +47,7 @@ class Demo:
         self.faults: list[str] = []
         self.hub: Hub | None = None
         self.orchestra: Orchestra | None = None
+        self.embedded: Any = None
 
     def _messages(self) -> float:
         assert self.hub is not None
@@ -84,10 +85,10 @@ class Demo:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
         self.console.print(f"work directory: {work}")
-        embedded = None
+        self.embedded = None
         if self.broker is None:
             self.broker = f"mqtt://127.0.0.1:{free_port()}"
-            embedded = await start_embedded_broker(self.broker)
+            self.embedded = await start_embedded_broker(self.broker)
         policy = Policy(duration=2, recovery=10, cooldown=2)
         self.hub = hub = Hub(HubConfig(self.broker, "demo", work / "hub", api_port=0, auto_accept=True, policy=policy))
         hub_task = asyncio.create_task(hub.run())
@@ -112,8 +113,8 @@ class Demo:
             hub.stop()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(hub_task, 15)
-            if embedded is not None:
-                await embedded.shutdown()
+            if self.embedded is not None:
+                await self.embedded.shutdown()
 
     async def _until(self, predicate: Any, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -166,6 +167,14 @@ class Demo:
             victims = rng.sample(candidates, k=min(3, len(candidates)))
             await orchestra.kill(victims)
             self.faults.append(f"power cut: {', '.join(victims)}")
+            if self.embedded is not None:  # the demo manages the broker, so it can restart it too
+                await tick()
+                await self.embedded.shutdown()
+                self.faults.append("broker down")
+                for _ in range(4):
+                    await tick()
+                self.embedded = await start_embedded_broker(self.broker)
+                self.faults[-1] = "broker restarted after 2 s"
             self.phase = "waiting for every run to end"
             deadline = time.monotonic() + self.timeout
             while (any(hub.core.runs[r].state not in ("succeeded", "failed", "cancelled", "timed_out")

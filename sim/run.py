@@ -35,6 +35,20 @@ def refused_total(metrics_text: str) -> float:
     return total
 
 
+def lag_p99(metrics_text: str) -> float:
+    """The hub's ingest lag p99 (seconds, the upper bound of its histogram bucket)."""
+    buckets = []
+    for line in metrics_text.splitlines():
+        if line.startswith("fleetflow_ingest_lag_seconds_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    total = buckets[-1][1] if buckets else 0
+    for le, count in buckets:
+        if total and count >= 0.99 * total:
+            return le
+    return float("nan")
+
+
 async def rogue(broker: str, fleet: str, forged: int, replayed: int) -> int:
     """An attacker on the broker: replays captured heartbeats and forges heartbeats under real node ids."""
     from urllib.parse import urlsplit
@@ -110,13 +124,15 @@ class Simulation:
                 alive.remove(node)  # later faults pick among devices that are still up
         self.applied.append(f"{kind}: {', '.join(nodes)}")
 
-    def table(self, orchestra: Orchestra, rate: float, elapsed: float, runs: dict[str, int]) -> Table:
+    def table(self, orchestra: Orchestra, rate: float, elapsed: float, runs: dict[str, int], lag: float = 0.0
+              ) -> Table:
         table = Table(title=f"fleetflow sim - {elapsed:.0f}/{self.duration:.0f} s")
         table.add_column("what")
         table.add_column("now")
         table.add_row("devices connected", f"{orchestra.connected}/{self.devices}")
         table.add_row("messages/s at the hub", f"{rate:.0f}")
-        table.add_row("outbox entries waiting", str(orchestra.outbox))
+        table.add_row("hub ingest lag p99", f"<= {lag:g} s")
+        table.add_row("results waiting for acks", str(orchestra.outbox))
         table.add_row("runs", ", ".join(f"{k} {v}" for k, v in sorted(runs.items())) or "-")
         table.add_row("faults applied", "; ".join(self.applied[-4:]) or "-")
         return table
@@ -175,7 +191,7 @@ class Simulation:
                 runs = {}
                 for r in listed:
                     runs[r["state"]] = runs.get(r["state"], 0) + 1
-                live.update(self.table(orchestra, rate, elapsed, runs))
+                live.update(self.table(orchestra, rate, elapsed, runs, lag_p99(text)))
                 await asyncio.sleep(1.0)
             for fault in pending:  # anything scheduled past the duration still happens before the check
                 await self.apply(fault, orchestra, alive)
