@@ -304,9 +304,17 @@ class Agent:
                          self.outbox.counter("shed"), dict(self.rejected), self.runner.draining)
 
     async def _heartbeat_loop(self, session: Session) -> None:
+        """Fixed rate: the next heartbeat is due one interval after the previous one was due, not after it was
+        sent, so publishing time does not stretch the period the hub's liveness checks count on."""
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        interval = self.hb_interval
         while True:
             await self._publish(session, self.signer.seal(self.heartbeat(), self.clock_ms()), qos=0)
-            await self._sleep_interval("hb", self.hb_interval)
+            if self.hb_interval != interval:
+                interval, due = self.hb_interval, loop.time()
+            due += interval
+            await self._sleep_interval("hb", max(0.0, due - loop.time()))
 
     async def _telemetry_loop(self) -> None:
         """Runs across sessions: samples taken while offline wait in the outbox (sheddable)."""

@@ -10,6 +10,7 @@ transaction as their result, so after a crash the next start knows which attempt
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -89,6 +90,17 @@ class Outbox:
         row = self._db.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM entries").fetchone()
         self._bytes, self._count = int(row[0]), int(row[1])
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
     # -- size and admission ----------------------------------------------------------------------------------------
 
     @property
@@ -113,46 +125,33 @@ class Outbox:
         """Store a step event or result (never dropped). `finish_attempt` is removed from the running attempts in
         the same transaction, so a crash leaves either both or neither."""
         data = cbor.dumps(body)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                if self._bytes + len(data) > self.max_bytes:
-                    self._shed_telemetry(self._bytes + len(data) - self.max_bytes)
-                eid = self._db.execute("INSERT INTO entries (kind, type, body, size, at_ms) VALUES ('evt', ?, ?, ?, ?)",
-                                       (type_name, data, len(data), at_ms)).lastrowid
-                if finish_attempt is not None:
-                    self._db.execute("DELETE FROM attempts WHERE attempt = ?", (finish_attempt,))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._bytes += len(data)
-            self._count += 1
-            return int(eid)  # type: ignore[arg-type]
+        with self._transaction():
+            if self._bytes + len(data) > self.max_bytes:
+                self._shed_telemetry(self._bytes + len(data) - self.max_bytes)
+            eid = self._db.execute("INSERT INTO entries (kind, type, body, size, at_ms) VALUES ('evt', ?, ?, ?, ?)",
+                                   (type_name, data, len(data), at_ms)).lastrowid
+            if finish_attempt is not None:
+                self._db.execute("DELETE FROM attempts WHERE attempt = ?", (finish_attempt,))
+        self._bytes += len(data)
+        self._count += 1
+        return int(eid)  # type: ignore[arg-type]
 
     def add_telemetry(self, body: dict[str, Any], at_ms: int) -> bool:
         """Keep a telemetry sample taken while offline; sheds the oldest samples when full. False if no room at all."""
         data = cbor.dumps(body)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                # Telemetry may use the space above the reserve only: events keep their headroom.
-                limit = self.max_bytes - self.reserve_bytes
-                if self._bytes + len(data) > limit:
-                    self._shed_telemetry(self._bytes + len(data) - limit)
-                if self._bytes + len(data) > limit:
-                    self._bump("shed", 1)
-                    self._db.execute("COMMIT")
-                    return False
-                self._db.execute("INSERT INTO entries (kind, type, body, size, at_ms) VALUES ('tel', 'tel', ?, ?, ?)",
-                                 (data, len(data), at_ms))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._bytes += len(data)
-            self._count += 1
-            return True
+        with self._transaction():
+            # Telemetry may use the space above the reserve only: events keep their headroom.
+            limit = self.max_bytes - self.reserve_bytes
+            if self._bytes + len(data) > limit:
+                self._shed_telemetry(self._bytes + len(data) - limit)
+            if self._bytes + len(data) > limit:
+                self._bump("shed", 1)
+                return False
+            self._db.execute("INSERT INTO entries (kind, type, body, size, at_ms) VALUES ('tel', 'tel', ?, ?, ?)",
+                             (data, len(data), at_ms))
+        self._bytes += len(data)
+        self._count += 1
+        return True
 
     def _shed_telemetry(self, need: int) -> None:
         freed = shed = 0
@@ -186,19 +185,17 @@ class Outbox:
         """Delete acknowledged (or sent telemetry) entries. Unknown eids are ignored: acks may repeat."""
         if not eids:
             return 0
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            removed = freed = 0
+        removed = freed = 0
+        with self._transaction():
             for eid in eids:
                 row = self._db.execute("SELECT size FROM entries WHERE eid = ?", (eid,)).fetchone()
                 if row is not None:
                     self._db.execute("DELETE FROM entries WHERE eid = ?", (eid,))
                     removed += 1
                     freed += row[0]
-            self._db.execute("COMMIT")
-            self._bytes -= freed
-            self._count -= removed
-            return removed
+        self._bytes -= freed
+        self._count -= removed
+        return removed
 
     # -- running attempts and fences -------------------------------------------------------------------------------
 

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sim.orchestra import Orchestra, plan  # noqa: E402
@@ -53,15 +55,19 @@ async def size_run(tmp: Path, devices: int, seconds: float, procs: int) -> dict[
                 await asyncio.sleep(1)
             boot = time.monotonic() - started
             before = hub.get("/metrics")
+            procs = {"hub": psutil.Process(hub.proc.pid), "mosquitto": psutil.Process(broker.proc.pid)}  # type: ignore[union-attr]
+            procs.update({f"sim worker {i}": psutil.Process(w.proc.pid) for i, w in enumerate(orchestra.workers)})
+            cpu0 = {name: sum(p.cpu_times()[:2]) for name, p in procs.items()}
             t0 = time.monotonic()
             await asyncio.sleep(seconds)
             after = hub.get("/metrics")
             elapsed = time.monotonic() - t0
+            cpu = {name: round((sum(p.cpu_times()[:2]) - cpu0[name]) / elapsed * 100) for name, p in procs.items()}
             hb = (metric(after, 'fleetflow_messages_total{type="hb"') - metric(before, 'fleetflow_messages_total{type="hb"'))
             due = devices * elapsed / 5.0
             return {"devices": devices, "online": True, "boot_s": round(boot, 1), "hb_accepted": hb,
-                    "hb_due": round(due), "hb_ratio": hb / due, "lag_p99_s": lag_p99(after),
-                    "failed_nodes": sum(1 for n in hub.get("/nodes") if n["liveness"] != "online")}
+                    "hb_due": round(due), "hb_ratio": hb / due, "lag_p99_s": lag_p99(after, before),
+                    "failed_nodes": sum(1 for n in hub.get("/nodes") if n["liveness"] != "online"), "cpu": cpu}
         finally:
             await orchestra.stop()
     finally:
@@ -105,7 +111,8 @@ def main() -> None:
                 break
             ok = r["hb_ratio"] >= 0.99 and r["lag_p99_s"] < 1 and r["failed_nodes"] == 0
             print(f"{size:8d} {r['boot_s']:7.1f} {r['hb_accepted']:7.0f}/{r['hb_due']:<8d} {r['hb_ratio']:6.2f} "
-                  f"{r['lag_p99_s']:7.3f}s {r['failed_nodes']:10d}")
+                  f"{r['lag_p99_s']:7.3f}s {r['failed_nodes']:10d}   CPU % of one core: "
+                  + ", ".join(f"{k} {v}" for k, v in r["cpu"].items()))
             if not ok:
                 break
             best = size

@@ -46,6 +46,7 @@ log = logging.getLogger("fleetflow.hub")
 DEFAULT_RUN_DEADLINE_S = 24 * 3600  # every run ends: one without a timeout gets this deadline
 COMMAND_TTL_MS = 60_000
 TICK_S = 0.1
+TIMER_SCAN_S = 0.1  # liveness, timeouts and breakers are scanned at most this often; placement after every batch
 MARKS_EVERY_S = 5.0
 
 
@@ -126,6 +127,7 @@ class Hub:
         self._refusals = RateLimitedLog()
         self._stop = asyncio.Event()
         self._marks_at = 0.0
+        self._timers_at = 0.0
         self.api_url: str | None = None
         self.started_at = now_ms()
         self.step_started: dict[str, int] = {}
@@ -270,8 +272,11 @@ class Hub:
             for fact in facts:
                 commands += self.core.apply(fact)
                 self.metrics.count_adaptation(fact)
-        for _ in range(5):  # decisions can enable further decisions (a placement frees nothing, a loss re-queues)
-            decisions = self.core.decide(now_ms())
+        scan = time.monotonic() - self._timers_at >= TIMER_SCAN_S
+        if scan:
+            self._timers_at = time.monotonic()
+        for _ in range(5):  # decisions can enable further decisions (a loss re-queues what a placement then moves)
+            decisions = self.core.decide(now_ms(), timers=scan)
             if not decisions:
                 break
             await self.journal.append(decisions)

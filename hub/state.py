@@ -233,6 +233,7 @@ class Core:
         self.done_seq = 0
         self.windows: dict[str, dict[str, Any]] = {}
         self.counters = Counters()
+        self.breaker_watch: set[str] = set()           # nodes with recent failures or a breaker not closed
         self._handlers = {
             RunSubmitted: self._run_submitted, RunCancelRequested: self._run_cancel, RunTimedOut: self._run_timed_out,
             NodeBorn: self._node_born, NodeSeen: self._node_seen, NodeDied: self._node_died,
@@ -511,6 +512,7 @@ class Core:
             else:
                 window = int(self.policy.breaker.window * 1000)
                 node.failures = [t for t in node.failures if t > ev.at - window] + [ev.at]
+                self.breaker_watch.add(node.id)
                 node.probe_failed = node.probe_failed or node.breaker == "half_open"
         run = self.runs[attempt.run]
         step = run.steps[attempt.step]
@@ -713,6 +715,9 @@ class Core:
             node.probe_successes, node.probe_failed = 0, False
             if ev.state == "closed":
                 node.failures = []
+                self.breaker_watch.discard(node.id)
+            else:
+                self.breaker_watch.add(node.id)
             node.remember({"at": ev.at, "kind": "breaker", "state": ev.state, "reason": ev.reason})
         return []
 
@@ -725,7 +730,7 @@ class Core:
     def _breakers(self, now: int) -> list[Event]:
         policy = self.policy.breaker
         out: list[Event] = []
-        for node in self.nodes.values():
+        for node in (self.nodes[n] for n in sorted(self.breaker_watch)):
             recent = [t for t in node.failures if t > now - policy.window * 1000]
             if node.breaker == "closed" and len(recent) >= policy.failures:
                 out.append(BreakerChanged(now, node.id, "open",
@@ -740,10 +745,21 @@ class Core:
 
     # -- decisions -----------------------------------------------------------------------------------------------
 
-    def decide(self, now: int, placement_limit: int = 1000) -> list[Event]:
-        """Everything due at `now`: liveness changes, lost attempts, run deadlines, then placements."""
+    def decide(self, now: int, placement_limit: int = 1000, timers: bool = True) -> list[Event]:
+        """Everything due at `now`: liveness changes, lost attempts, run deadlines, breakers, then placements.
+
+        Timers scan every node and live attempt; a caller deciding after every small batch may pass `timers=False`
+        for most calls (the hub scans at most every 100 ms: timer precision, not correctness)."""
         from .scheduler import place
 
+        out: list[Event] = []
+        if timers:
+            out.extend(self._timers(now))
+        if not out:
+            out.extend(place(self, now, placement_limit))
+        return out
+
+    def _timers(self, now: int) -> list[Event]:
         out: list[Event] = []
         for node in self.nodes.values():
             silent = now - node.last_seen
@@ -763,8 +779,6 @@ class Core:
             if now >= run.deadline:
                 out.append(RunTimedOut(now, run.id))
         out.extend(self._breakers(now))
-        if not out:
-            out.extend(place(self, now, placement_limit))
         return out
 
     def live_attempts(self) -> list[Attempt]:

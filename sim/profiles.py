@@ -8,9 +8,10 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.profiles import available
+from hub.health import Threshold
 
 
 class _Model(BaseModel):
@@ -26,17 +27,6 @@ class Resources(_Model):
 class Intervals(_Model):
     heartbeat_s: float = Field(gt=0)
     telemetry_s: float = Field(gt=0)
-
-
-class Threshold(_Model):
-    high: float
-    critical: float
-
-    @model_validator(mode="after")
-    def _ordered(self) -> Threshold:
-        if self.critical < self.high:
-            raise ValueError(f"critical ({self.critical}) must not be below high ({self.high})")
-        return self
 
 
 class SimBehaviour(_Model):

@@ -35,13 +35,22 @@ def refused_total(metrics_text: str) -> float:
     return total
 
 
-def lag_p99(metrics_text: str) -> float:
-    """The hub's ingest lag p99 (seconds, the upper bound of its histogram bucket)."""
+def _lag_buckets(metrics_text: str) -> list[tuple[float, float]]:
     buckets = []
     for line in metrics_text.splitlines():
         if line.startswith("fleetflow_ingest_lag_seconds_bucket"):
             le = line.split('le="')[1].split('"')[0]
             buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    return buckets
+
+
+def lag_p99(metrics_text: str, since: str | None = None) -> float:
+    """The hub's ingest lag p99 (seconds, the upper bound of its histogram bucket), over the messages received
+    after the `since` scrape when one is given (the histogram itself counts from the hub's start)."""
+    buckets = _lag_buckets(metrics_text)
+    if since is not None:
+        base = dict(_lag_buckets(since))
+        buckets = [(le, count - base.get(le, 0.0)) for le, count in buckets]
     total = buckets[-1][1] if buckets else 0
     for le, count in buckets:
         if total and count >= 0.99 * total:
