@@ -118,7 +118,7 @@ def main() -> None:
             best = size
         print(f"\nlargest size sustained (every heartbeat accepted, hub lag p99 < 1 s): {best}")
         figures = detection(tmp)
-        print(f"\nfailure detection on 50 devices (keepalive 5 s, so 1.5 x keepalive = 7.5 s):")
+        print("\nfailure detection on 50 devices (keepalive 5 s, so 1.5 x keepalive = 7.5 s):")
         print(f"  power cut -> Failed: {figures.get('detection_ms')} ms")
         print(f"  partition -> Failed: {figures.get('partition_detection_ms')} ms")
 

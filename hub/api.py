@@ -5,7 +5,6 @@ written to DATA/api.token. OpenAPI is served at /openapi.json and /docs.
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 from typing import TYPE_CHECKING, Any
 

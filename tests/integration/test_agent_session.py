@@ -7,7 +7,6 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
 
 from protocols import Assign, Birth, Heartbeat, Telemetry
 from tests.brokers import Broker

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from hub.events import (AttemptAssigned, Event, NodeBorn, NodeDied, NodeFailed, ResultReported, RunCancelRequested,
+from hub.events import (Event, NodeBorn, NodeDied, NodeFailed, ResultReported, RunCancelRequested,
                         RunSubmitted, StepReported)
 from hub.state import ATTEMPT_LIVE, RUN_TERMINAL, STEP_TERMINAL, Core, SendAssign, SendCancel
 from hub.workflow import workflow_from_data

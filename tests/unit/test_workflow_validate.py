@@ -11,7 +11,7 @@ import pytest
 
 from hub.conditions import ConditionError, parse_condition
 from hub.validate import validate
-from hub.workflow import WorkflowError, load_workflow, load_workflow_text
+from hub.workflow import WorkflowError, load_workflow_text
 
 ROOT = Path(__file__).resolve().parents[2]
 
