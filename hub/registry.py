@@ -1,11 +1,16 @@
-"""Enrolled node keys: pending, accepted, rejected, revoked. A small document a person may read (TinyDB, fsync'd)."""
+"""Enrolled node keys: pending, accepted, rejected, revoked. A small document a person may read (TinyDB, fsync'd).
+
+TinyDB rewrites its whole file on every write, so an enrollment storm (thousands of devices at once) would cost
+O(N) per device. Changes are therefore applied in memory and written by `flush()`: the hub flushes once per batch
+of messages, before it sends any answer that depends on them.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from tinydb import Query, TinyDB
+from tinydb import TinyDB
 
 from agent.identity import DurableJSONStorage
 from protocols import check_id
@@ -22,6 +27,7 @@ class Registry:
         self._db = TinyDB(str(path), storage=DurableJSONStorage)
         self._nodes = self._db.table("nodes")
         self._cache = {doc["id"]: dict(doc) for doc in self._nodes.all()}
+        self._dirty = False
 
     def get(self, node_id: str) -> dict[str, Any] | None:
         return self._cache.get(node_id)
@@ -33,9 +39,16 @@ class Registry:
         return [(d["id"], bytes.fromhex(d["key"])) for d in self._cache.values() if d["state"] == "accepted"]
 
     def _put(self, doc: dict[str, Any]) -> dict[str, Any]:
-        self._nodes.upsert(doc, Query().id == doc["id"])
         self._cache[doc["id"]] = dict(doc)
+        self._dirty = True
         return doc
+
+    def flush(self) -> None:
+        """Write every change since the last flush in one durable write."""
+        if self._dirty:
+            self._nodes.truncate()
+            self._nodes.insert_multiple(self.all())
+            self._dirty = False
 
     def request(self, node_id: str, key: bytes, profile: str, labels: dict[str, str], at: int,
                 auto_accept: bool, token_ok: bool) -> str:
@@ -59,8 +72,10 @@ class Registry:
         check_id(node_id, "node id")
         if len(key) != 32:
             raise RegistryError("a public key has 32 bytes")
-        return self._put({"id": node_id, "key": key.hex(), "state": "accepted", "profile": "", "labels": {},
-                          "requested_at": at, "changed_at": at})
+        doc = self._put({"id": node_id, "key": key.hex(), "state": "accepted", "profile": "", "labels": {},
+                         "requested_at": at, "changed_at": at})
+        self.flush()
+        return doc
 
     def set_state(self, node_id: str, state: str, at: int) -> dict[str, Any]:
         doc = self._cache.get(node_id)
@@ -70,7 +85,10 @@ class Registry:
             raise RegistryError(f"unknown enrollment state {state!r}")
         if doc["state"] == "revoked" and state == "accepted":
             raise RegistryError(f"node {node_id!r} was revoked; add it again with a new key")
-        return self._put({**doc, "state": state, "changed_at": at})
+        doc = self._put({**doc, "state": state, "changed_at": at})
+        self.flush()
+        return doc
 
     def close(self) -> None:
+        self.flush()
         self._db.close()

@@ -287,6 +287,7 @@ class Hub:
         for item in batch:
             if not isinstance(item, _Request):
                 self.metrics.ingest_lag.observe((applied - item[2]) / 1000)
+        self.registry.flush()  # enrollment answers go out only once the registry holds them
         for request in requests:
             if not request.future.done():
                 request.future.set_result(request.result)

@@ -56,7 +56,7 @@ class HubProcess:
         return (self.data / "hub.key.pub").read_text().strip()
 
     def get(self, path: str) -> Any:
-        response = httpx.get(self.url + path, headers={"Authorization": f"Bearer {self.token}"}, timeout=10)
+        response = httpx.get(self.url + path, headers={"Authorization": f"Bearer {self.token}"}, timeout=60)
         response.raise_for_status()
         return response.json() if "json" in response.headers.get("content-type", "") else response.text
 
