@@ -378,5 +378,5 @@ class Agent:
         raise _Stopped()
 
     def _unacked_events(self) -> bool:
-        return any(e.kind == "evt" for e in self.outbox.pending(0, 1000))
+        return self.outbox.unacknowledged() > 0
 

@@ -5,6 +5,7 @@ a device needs no validation library. (The simulator and hub validate the same f
 from __future__ import annotations
 
 import os
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 from protocols import is_valid_id
 
 CHECKOUT_DIR = Path(__file__).resolve().parents[1] / "firmware-profiles"
+INSTALLED_DIR = Path(sys.prefix) / "share" / "fleetflow" / "firmware-profiles"  # from pyproject's data-files
 SYSTEM_DIR = Path("/etc/fleetflow/profiles")
 
 
@@ -43,7 +45,7 @@ def search_path(extra: Path | None = None) -> list[Path]:
     dirs = [extra] if extra else []
     if os.environ.get("FLEETFLOW_PROFILES"):
         dirs.append(Path(os.environ["FLEETFLOW_PROFILES"]))
-    return [*dirs, CHECKOUT_DIR, SYSTEM_DIR]
+    return [*dirs, CHECKOUT_DIR, INSTALLED_DIR, SYSTEM_DIR]
 
 
 def available(extra: Path | None = None) -> dict[str, Path]:
