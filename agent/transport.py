@@ -18,6 +18,9 @@ from urllib.parse import urlsplit
 import aiomqtt
 
 
+OPERATION_TIMEOUT_S = 10.0
+
+
 class TransportError(Exception):
     """The connection failed or was lost; the caller reconnects with backoff."""
 
@@ -121,6 +124,9 @@ class MqttTransport:
             self.host, self.port, identifier=client_id, username=s.username, password=s.password,
             will=aiomqtt.Will(will.topic, will.payload, will.qos, will.retain) if will else None,
             keepalive=s.keepalive, tls_context=tls_context, clean_session=True, max_queued_incoming_messages=10_000,
+            # A broker that stops answering (a SUBACK or PUBACK that never comes) ends the session, and the caller
+            # reconnects with a new boot, instead of waiting forever.
+            timeout=OPERATION_TIMEOUT_S,
             max_inflight_messages=100,
             # Small messages each way: Nagle plus delayed ACKs would add tens of ms per round trip.
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])

@@ -114,7 +114,8 @@ class Demo:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(hub_task, 15)
             if self.embedded is not None:
-                await self.embedded.shutdown()
+                with contextlib.suppress(asyncio.TimeoutError, Exception):
+                    await asyncio.wait_for(self.embedded.shutdown(), 10)
 
     async def _until(self, predicate: Any, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
