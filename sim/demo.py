@@ -162,6 +162,13 @@ class Demo:
             self.phase = "faults"
             await orchestra.heat(hot, 95.0)
             self.faults.append(f"{hot} overheats (95 C)")
+            # One fault at a time: the migration is watched for before power cuts and the broker restart shake
+            # the fleet, so each outcome has a single cause.
+            watch_until = time.monotonic() + 30
+            while time.monotonic() < watch_until and not any(
+                    (hub.core.attempts[a].reason or "").startswith("migrated")
+                    for a in hub.core.runs[thermal].steps["inference"].attempts):
+                await tick()
             busy = {a.node for a in hub.core.live_attempts()} | {hot}
             candidates = sorted(n for n, x in hub.core.nodes.items()
                                 if x.profile in ("rpi4", "container", "jetson") and n not in busy)
