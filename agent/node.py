@@ -103,7 +103,6 @@ class Agent:
         self.topics = {kind: Topic.node(config.fleet, config.node_id, kind).value for kind in ("cmd", "enroll")}
         self.hub_state_topic = Topic.hub_state(config.fleet).value
         self.session: Session | None = None
-        self.sessions = 0
         self._stop_requested = asyncio.Event()
         self._stopped = False
         self._flush_wake = asyncio.Event()
@@ -180,7 +179,6 @@ class Agent:
             self.identity.close()
 
     async def _session(self, session: Session) -> None:
-        self.sessions += 1
         await session.subscribe(self.topics["cmd"], qos=1)
         await session.subscribe(self.hub_state_topic, qos=1)
         self.session = session

@@ -249,6 +249,3 @@ class Outbox:
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-    def __iter__(self) -> Iterator[Entry]:
-        return iter(self.pending(0, 1_000_000))

@@ -129,7 +129,6 @@ class Hub:
         self._marks_at = 0.0
         self._timers_at = 0.0
         self.api_url: str | None = None
-        self.started_at = now_ms()
         self.step_started: dict[str, int] = {}
 
     # -- files ---------------------------------------------------------------------------------------------------
