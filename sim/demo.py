@@ -99,7 +99,9 @@ class Demo:
                                        heartbeat=2.0, telemetry=1.0)
             await self.orchestra.start()
             verdict = await self._live(work)
-            self.console.print(verdict.render())
+            # Plain lines after the table: they must not wrap, scripts read them.
+            self.console.print("faults applied: " + "; ".join(self.faults), soft_wrap=True)
+            self.console.print(verdict.render(), soft_wrap=True)
             if self.keep_running:
                 self.console.print(f"\nThe hub keeps running. Try: fleetflow nodes list --data {work / 'hub'}\n"
                                    f"                          fleetflow run list --data {work / 'hub'}\n"
