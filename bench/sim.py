@@ -44,7 +44,7 @@ async def size_run(tmp: Path, devices: int, seconds: float, procs: int) -> dict[
         key = json.loads(subprocess.run([str(Path(sys.executable).parent / "fleetflow"), "hub", "identity", "--data",
                                          str(hub.data), "--json"], capture_output=True, text=True).stdout)["public_key"]
         orchestra = Orchestra(broker.url, hub.fleet, key, tmp / f"devices-{devices}",
-                              plan(devices, MIX, hub.fleet), procs=procs, heartbeat=5.0, telemetry=10.0)
+                              plan(devices, MIX), procs=procs, heartbeat=5.0, telemetry=10.0)
         (tmp / f"devices-{devices}").mkdir()
         started = time.monotonic()
         await orchestra.start()

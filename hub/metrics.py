@@ -36,6 +36,12 @@ class _StateCollector(Collector):
         stale = GaugeMetricFamily("fleetflow_stale_reports", "Reports from attempts the hub had moved on from")
         stale.add_metric([], core.counters.stale_reports)
         yield stale
+        refused = GaugeMetricFamily("fleetflow_refused_attempts", "Assignments nodes refused (busy, outbox full, ...)")
+        refused.add_metric([], core.counters.refusals)
+        yield refused
+        lost = GaugeMetricFamily("fleetflow_lost_attempts", "Attempts lost (node failure, timeout, migration)")
+        lost.add_metric([], core.counters.lost_attempts)
+        yield lost
 
 
 class HubMetrics:

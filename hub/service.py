@@ -25,6 +25,7 @@ from tinydb import TinyDB
 from agent.identity import DurableJSONStorage
 from agent.keys import load_key, write_new_key
 from agent.node import Backoff, RateLimitedLog
+from agent.telemetry import now_ms
 from agent.transport import BrokerSettings, MqttTransport, Session, Transport, TransportError, Will
 from protocols import (HUB_ID, Ack, Assign, AttemptRef, Birth, Cancel, Config, Death, Drain, Enroll, Heartbeat,
                        HubState, Keyring, ProtocolError, Receiver, ReplayWindow, Signer, StepEvent, StepResult,
@@ -48,10 +49,6 @@ COMMAND_TTL_MS = 60_000
 TICK_S = 0.1
 TIMER_SCAN_S = 0.1  # liveness, timeouts and breakers are scanned at most this often; placement after every batch
 MARKS_EVERY_S = 5.0
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass
@@ -91,7 +88,6 @@ class NodeView:
 
     heartbeat: Heartbeat | None = None
     telemetry: dict[str, float] = field(default_factory=dict)
-    telemetry_at: int = 0
 
 
 class Hub:
@@ -129,7 +125,6 @@ class Hub:
         self._marks_at = 0.0
         self._timers_at = 0.0
         self.api_url: str | None = None
-        self.step_started: dict[str, int] = {}
 
     # -- files ---------------------------------------------------------------------------------------------------
 
@@ -269,6 +264,11 @@ class Hub:
             await self.journal.append(facts)
             self.metrics.journal_commit.observe(time.perf_counter() - started)
             for fact in facts:
+                if isinstance(fact, ResultReported):
+                    # run time of an accepted result, from the core's own record of when its attempt started
+                    attempt = self.core.current(fact.attempt, fact.node, fact.fence)
+                    if attempt is not None and attempt.started_at is not None:
+                        self.metrics.step_latency.observe((fact.at - attempt.started_at) / 1000)
                 commands += self.core.apply(fact)
                 self.metrics.count_adaptation(fact)
         scan = time.monotonic() - self._timers_at >= TIMER_SCAN_S
@@ -317,7 +317,7 @@ class Hub:
             return seen
         if isinstance(body, Telemetry):
             view = self.views[node]
-            view.telemetry, view.telemetry_at = dict(body.metrics), body.at or header.ts
+            view.telemetry = dict(body.metrics)
             return seen + self._health(node, dict(body.metrics), at)
         if isinstance(body, Birth):
             running = tuple((r.run, r.step, r.attempt, r.fence) for r in body.running)
@@ -329,14 +329,9 @@ class Hub:
             acks[node].append(body.eid)
             if body.event == "progress":
                 return seen
-            if body.event == "started":
-                self.step_started[body.attempt] = at
             return seen + [StepReported(at, node, body.attempt, body.fence, body.event, body.reason)]
         if isinstance(body, StepResult):
             acks[node].append(body.eid)
-            started = self.step_started.pop(body.attempt, None)
-            if started is not None:
-                self.metrics.step_latency.observe((at - started) / 1000)
             return seen + [ResultReported(at, node, body.attempt, body.fence, body.ok, dict(body.output), body.error)]
         return seen
 

@@ -95,7 +95,7 @@ class Demo:
         try:
             await self._until(lambda: hub.session is not None and hub.api_url is not None, 20, "the hub")
             self.orchestra = Orchestra(self.broker, "demo", hub.public_key.hex(), work,
-                                       plan(self.devices, DEMO_MIX, "demo"), procs=2, seed=self.seed,
+                                       plan(self.devices, DEMO_MIX), procs=2, seed=self.seed,
                                        heartbeat=2.0, telemetry=1.0)
             await self.orchestra.start()
             verdict = await self._live(work)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 
-def plan(devices: int, mix: dict[str, int], fleet: str) -> list[dict[str, str]]:
+def plan(devices: int, mix: dict[str, int]) -> list[dict[str, str]]:
     """Node ids and profiles for `devices` devices in the proportions of `mix` (largest remainder)."""
     total = sum(mix.values())
     shares = {name: devices * weight / total for name, weight in mix.items()}

@@ -155,7 +155,7 @@ class Simulation:
         relay = any(f.kind == "partition" for f in self.faults.faults)
         orchestra = Orchestra(self.broker, self.fleet, health["public_key"], work,
                               [{**d, "node_id": f"{self.fleet}-{d['node_id']}"[:64]}
-                               for d in plan(self.devices, self.mix, self.fleet)],
+                               for d in plan(self.devices, self.mix)],
                               procs=self.procs, seed=self.seed, relay=relay, keepalive=self.keepalive)
         await orchestra.start()
         try:

@@ -22,16 +22,13 @@ from typing import Any
 import aiomqtt
 import nacl.signing
 
+from agent.telemetry import now_ms
 from protocols import (HUB_ID, Ack, Body, HubState, Keyring, Message, ProtocolError, Receiver, Signer, StepEvent,
                        StepResult)
 from tests.brokers import HOST, Broker
 
 
 NO_DELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass

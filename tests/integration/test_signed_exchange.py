@@ -8,12 +8,9 @@ import time
 import aiomqtt
 import nacl.signing
 
+from agent.telemetry import now_ms
 from protocols import Heartbeat, Keyring, ProtocolError, Receiver, Signer, Telemetry, TopicFilter
 from tests.brokers import HOST, Broker
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 async def exchange(broker: Broker) -> tuple[list[str], list[str]]:

@@ -66,6 +66,7 @@ def test_three_step_dag_across_nodes(hub: HubProcess) -> None:
     nodes = {s["id"]: s["attempts"][-1]["node"] for s in run["steps"]}
     assert len(set(nodes.values())) == 3  # anti-affinity spread them
     assert succeeded_attempts(run) == {"a": 1, "b": 1, "c": 1}
+    assert hub.metric("fleetflow_step_seconds_count") >= 3  # run times of accepted results are recorded
 
 
 def test_kill_9_of_a_node_moves_its_step_and_its_late_result_is_stale(hub: HubProcess) -> None:
@@ -82,6 +83,7 @@ def test_kill_9_of_a_node_moves_its_step_and_its_late_result_is_stale(hub: HubPr
     states = [(a["node"], a["state"]) for a in long["attempts"]]
     assert states[0] == (first["node"], "lost") and states[-1][1] == "succeeded" and states[-1][0] != first["node"]
     assert long["attempts"][-1]["fence"] > first["fence"]
+    assert hub.metric("fleetflow_lost_attempts") >= 1
     # The killed node comes back: it reports the interrupted attempt, which the hub rejects as stale.
     before = hub.metric("fleetflow_stale_reports")
     victim.start()

@@ -40,10 +40,10 @@ def test_bad_profiles_are_refused_with_the_field(tmp_path: Path) -> None:
 
 
 def test_plan_follows_the_mix() -> None:
-    devices = plan(100, parse_mix("rpi4=60,ipc=40"), "f")
+    devices = plan(100, parse_mix("rpi4=60,ipc=40"))
     assert len(devices) == 100 and sum(d["profile"] == "rpi4" for d in devices) == 60
     assert len({d["node_id"] for d in devices}) == 100
-    assert len(plan(7, {"a": 1, "b": 1, "c": 1}, "f")) == 7
+    assert len(plan(7, {"a": 1, "b": 1, "c": 1})) == 7
     with pytest.raises(ValueError, match="name=weight"):
         parse_mix("rpi4")
 
