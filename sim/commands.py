@@ -14,7 +14,10 @@ profiles_app = typer.Typer(help="Device classes (firmware profiles).", no_args_i
 def demo(devices: int = typer.Option(100, "--devices", min=1, max=2000, help="Simulated devices"),
          broker: Optional[str] = typer.Option(None, "--broker", help="Use this broker instead of an embedded amqtt"),
          keep_running: bool = typer.Option(False, "--keep-running", help="Leave the hub up for the CLI afterwards"),
-         seed: int = typer.Option(7, "--seed", help="Seed for the simulated fleet and its faults")) -> None:
+         seed: int = typer.Option(7, "--seed", help="Seed for the simulated fleet and its faults"),
+         restart_broker: bool = typer.Option(False, "--restart-broker",
+                                             help="Also restart the embedded broker mid-run (amqtt 0.12 can stall)")
+         ) -> None:
     """Embedded broker, a hub, simulated devices, sample workflows and faults; prints the checker's verdict."""
     from .demo import run_demo
 
@@ -26,7 +29,7 @@ def demo(devices: int = typer.Option(100, "--devices", min=1, max=2000, help="Si
         except ConfigError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2)
-    raise typer.Exit(run_demo(devices, broker, keep_running, seed))
+    raise typer.Exit(run_demo(devices, broker, keep_running, seed, restart_broker))
 
 
 def sim(broker: str = typer.Option(..., help="mqtt://HOST:PORT of the fleet's broker"),

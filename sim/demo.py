@@ -39,7 +39,8 @@ def free_port() -> int:
 
 class Demo:
     def __init__(self, devices: int, broker: str | None, keep_running: bool, seed: int, console: Console,
-                 timeout: float = 150.0) -> None:
+                 timeout: float = 150.0, restart_broker: bool = False) -> None:
+        self.restart_broker = restart_broker
         self.devices, self.broker, self.keep_running, self.seed = devices, broker, keep_running, seed
         self.console, self.timeout = console, timeout
         self.started = time.monotonic()
@@ -177,7 +178,7 @@ class Demo:
             victims = rng.sample(candidates, k=min(3, len(candidates)))
             await orchestra.kill(victims)
             self.faults.append(f"power cut: {', '.join(victims)}")
-            if self.embedded is not None:  # the demo manages the broker, so it can restart it too
+            if self.restart_broker and self.embedded is not None:  # the demo manages the broker, so it can restart it
                 await tick()
                 await self.embedded.shutdown()
                 self.faults.append("broker down")
@@ -218,10 +219,11 @@ def check_api(url: str, token: str, killed: dict[str, int], outbox: int) -> Verd
         return check(lambda path: client.get(path).raise_for_status().json(), killed, outbox)
 
 
-def run_demo(devices: int = 100, broker: str | None = None, keep_running: bool = False, seed: int = 7) -> int:
+def run_demo(devices: int = 100, broker: str | None = None, keep_running: bool = False, seed: int = 7,
+             restart_broker: bool = False) -> int:
     console = Console()
     try:
-        return asyncio.run(Demo(devices, broker, keep_running, seed, console).run())
+        return asyncio.run(Demo(devices, broker, keep_running, seed, console, restart_broker=restart_broker).run())
     except TimeoutError as exc:
         console.print(f"[red]demo failed: {exc}[/red]")
         return 1
