@@ -30,7 +30,7 @@ from typing import Any
 
 from protocols import is_valid_id
 
-from .keys import KeyFileError, parse_public_key
+from .keys import KeyFileError, parse_public_key, read_private_text
 from .transport import BrokerSettings
 
 
@@ -47,6 +47,7 @@ class AgentConfig:
     profile: str = "container"
     labels: dict[str, str] = field(default_factory=dict)
     hub_key: bytes | None = None
+    trust_first_hub_key: bool = False    # pin the first hub key seen (trust on first use): an explicit choice
     username: str | None = None
     password: str | None = None
     ca_file: str | None = None
@@ -163,17 +164,39 @@ def _path(value: Any, where: str) -> Path:
     return Path(_text(value, where))
 
 
+def read_secret_file(path: str | Path, where: str) -> str:
+    """A secret (a token) from a file, checked like a key file: a file other users can read is refused, since the
+    point of a file over a flag is that nobody else on the machine sees the secret."""
+    try:
+        text = read_private_text(path, "secret file")
+    except KeyFileError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if "\n" in text:
+        raise ConfigError(f"{where}: {path} must hold the secret on one line")
+    return text
+
+
+def _secret_file(value: Any, where: str) -> str:
+    return read_secret_file(_text(value, where), where)
+
+
 PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "broker": _broker, "fleet": _id, "node_id": _id, "data": _path, "profile": _id, "labels": _labels,
-    "hub_key": _hub_key, "username": _text, "password": _text, "ca_file": _text, "cert_file": _text,
+    "hub_key": _hub_key, "trust_first_hub_key": _bool, "username": _text, "password": _text, "ca_file": _text, "cert_file": _text,
     "key_file": _text, "keepalive": _positive_int, "heartbeat": _positive_float, "telemetry": _positive_float,
     "max_concurrent": _positive_int, "grace_period": _positive_float, "outbox_max_bytes": _positive_int,
-    "max_step_bytes": _positive_int, "enroll_token": _text, "profiles_dir": _path, "telemetry_file": _text, "shell": _bool,
+    "max_step_bytes": _positive_int, "enroll_token": _text, "enroll_token_file": _secret_file, "profiles_dir": _path,
+    "telemetry_file": _text, "shell": _bool,
     "shell_allow": _strings, "python": _bool, "python_allow": _strings,
 }
 REQUIRED = ("broker", "fleet", "node_id", "data")
 # Never from a flag: a command line is visible to every user of the machine (ps).
-SECRET = ("password",)
+SECRET = ("password", "enroll_token")
+# Where a secret may come from instead (the message of a refused flag names them).
+SECRET_SOURCES = {"password": "FLEETFLOW_PASSWORD or the config file",
+                  "enroll_token": "FLEETFLOW_ENROLL_TOKEN or --enroll-token-file (a file only you can read)"}
+# Settings that are read from a file into another setting.
+FROM_FILE = {"enroll_token_file": "enroll_token"}
 
 
 def _from_file(path: Path) -> dict[str, Any]:
@@ -215,9 +238,14 @@ def load_config(flags: Mapping[str, Any], config_file: Path | None = None,
     for source, layer in layers:
         for name, value in layer.items():
             if name in SECRET and source == "flag":
-                raise ConfigError(f"--{name.replace('_', '-')} is not accepted on the command line; "
-                                  f"use FLEETFLOW_{name.upper()} or the config file")
+                raise ConfigError(f"--{name.replace('_', '-')} is not accepted on the command line (other users "
+                                  f"see it in ps); use {SECRET_SOURCES[name]}")
             where = f"{name} (from {source})" if source != "flag" else f"--{name.replace('_', '-')}"
+            if name in FROM_FILE:
+                if FROM_FILE[name] in layer:
+                    raise ConfigError(f"{where}: give {FROM_FILE[name]} or {name}, not both")
+                values[FROM_FILE[name]] = PARSERS[name](value, where)
+                continue
             values[name] = PARSERS[name](value, where)
     missing = [name for name in REQUIRED if name not in values]
     if missing:

@@ -39,16 +39,28 @@ def public_path(path: Path) -> Path:
     return Path(f"{path}.pub")
 
 
-def load_key(path: Path) -> nacl.signing.SigningKey:
+def read_private_text(path: str | Path, what: str = "key file") -> str:
+    """The stripped text of a file only its owner may read (a key, a token). A file other users can read is
+    refused: the secret may already be out, and the operator must know."""
     path = Path(path)
     try:
         mode = path.stat().st_mode
         text = path.read_text().strip()
     except OSError as exc:
-        raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
+        raise KeyFileError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise KeyFileError(f"{what} {path} is not UTF-8 text") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise KeyFileError(f"key file {path} is accessible by other users (mode {stat.S_IMODE(mode):o}); "
+        raise KeyFileError(f"{what} {path} is accessible by other users (mode {stat.S_IMODE(mode):o}); "
                            f"run: chmod 600 {path}")
+    if not text:
+        raise KeyFileError(f"{what} {path} is empty")
+    return text
+
+
+def load_key(path: Path) -> nacl.signing.SigningKey:
+    path = Path(path)
+    text = read_private_text(path)
     try:
         seed = bytes.fromhex(text)
     except ValueError:

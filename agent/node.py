@@ -19,20 +19,22 @@ from typing import Any
 
 from protocols import (HUB_ID, Ack, Assign, Birth, Cancel, Config, Drain, Enroll, Heartbeat, HubState, Keyring,
                        ProtocolError, Receiver, ReplayWindow, Signer, Telemetry, Topic, body_from_map, open_envelope)
+from protocols.messages import enroll_proof
 
 from . import __version__
-from .config import AgentConfig
+from .config import AgentConfig, ConfigError
 from .executors import Executor, ExecutorPolicy, build_executors
 from .identity import Identity
 from .outbox import Outbox
 from .profiles import Profile, load_profile
 from .runner import Runner
 from .telemetry import OverlaySource, PsutilSource, TelemetrySource, now_ms
-from .transport import MqttTransport, Session, Transport, TransportError, Will
+from .transport import MqttTransport, Session, Transport, TransportError, Will, session_client_id
 
 log = logging.getLogger("fleetflow.agent")
 
 ACK_WAIT_ON_STOP = 5.0
+HUB_STATE_WAIT_S = 2.0
 RESEND_AFTER = 15.0  # seconds without an ack before unacknowledged entries are sent again in the same session
 
 
@@ -96,9 +98,9 @@ class Agent:
         self.signer = Signer(self.identity.key, config.fleet, config.node_id, boot=self.identity.boot)
         self.hub_key = self._choose_hub_key()
         keyring = Keyring([(HUB_ID, self.hub_key)] if self.hub_key else [])
-        saved = self.outbox.load_state("hub_window")
+        window = self._restore_hub_window()
         self.receiver = Receiver(config.fleet, keyring, node_id=config.node_id,
-                                 windows={HUB_ID: ReplayWindow.from_dict(saved)} if saved else {})
+                                 windows={HUB_ID: window} if window else {})
         self.rejected: collections.Counter[str] = collections.Counter()
         self.topics = {kind: Topic.node(config.fleet, config.node_id, kind).value for kind in ("cmd", "enroll")}
         self.hub_state_topic = Topic.hub_state(config.fleet).value
@@ -116,6 +118,11 @@ class Agent:
             self._hub_key_known.set()
         self._refusals = RateLimitedLog()
         self._publishing: set[asyncio.Task[None]] = set()
+        # Rebirth (protocol section 8a): the newest hub state seen, and the one our last birth answered.
+        self._hub_seen: tuple[int, int] | None = None
+        self._hub_state_now = asyncio.Event()   # a hub state arrived in this session
+        self._birth_for: tuple[int, int] | None = None
+        self._birth_sent = False
 
     # -- setup -----------------------------------------------------------------------------------------------------
 
@@ -126,7 +133,36 @@ class Agent:
         if given:
             self.identity.pin_hub_key(given)
             return given
+        if pinned is None and not self.config.trust_first_hub_key:
+            raise ConfigError("no hub key: give --hub-key HEX_OR_FILE (`fleetflow hub identity --data HUB_DIR` "
+                              "prints it), or --trust-first-hub-key to pin the first hub seen (insecure)")
         return pinned
+
+    def _restore_hub_window(self) -> ReplayWindow | None:
+        """The replay window of hub commands, as the last run left it. An unreadable row never stops the agent:
+        it falls back to the separately kept high-water mark (refusing everything at or below it), and says so."""
+        try:
+            saved = self.outbox.load_state("hub_window", legacy_tags=True)
+            if saved is None:
+                return None
+            window = ReplayWindow.from_dict(saved)
+        except (ProtocolError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            mark = None
+            with contextlib.suppress(ProtocolError, TypeError, ValueError):
+                raw = self.outbox.load_state("hub_mark")
+                mark = (int(raw[0]), int(raw[1])) if isinstance(raw, list) and len(raw) == 2 else None
+            if mark is None:
+                log.error("the saved replay window of hub commands is unreadable (%s) and no high-water mark "
+                          "survives: starting a fresh window (commands still expire after their ttl)", exc)
+                return None
+            log.error("the saved replay window of hub commands is unreadable (%s): refusing every hub command at or "
+                      "below boot %d seq %d and starting a fresh window above it", exc, *mark)
+            window = ReplayWindow.fenced(*mark)
+        self._save_hub_window(window)  # also rewrites a window an earlier version stored as a CBOR bignum
+        return window
+
+    def _save_hub_window(self, window: ReplayWindow) -> None:
+        self.outbox.save_state({"hub_window": window.to_dict(), "hub_mark": [window.boot, window.top]})
 
     def _wake_flusher(self) -> None:
         self._flush_wake.set()
@@ -153,7 +189,7 @@ class Agent:
                 self.signer.new_boot(boot)
                 will = self.signer.death_certificate(self.clock_ms(), "lost")
                 try:
-                    async with self.transport.connect(f"{self.config.fleet}.{self.config.node_id}",
+                    async with self.transport.connect(session_client_id(self.config.node_id),
                                                       Will(will.topic, will.payload, qos=1)) as session:
                         backoff.reset()
                         await self._session(session)
@@ -182,6 +218,8 @@ class Agent:
         await session.subscribe(self.topics["cmd"], qos=1)
         await session.subscribe(self.hub_state_topic, qos=1)
         self.session = session
+        self._birth_sent = False
+        self._hub_state_now.clear()
         log.info("connected as %s boot %d", self.config.node_id, self.signer.boot)
         async with asyncio.TaskGroup() as group:
             group.create_task(self._reader(session), name="reader")
@@ -190,13 +228,29 @@ class Agent:
 
     async def _start(self, session: Session, group: asyncio.TaskGroup) -> None:
         await self._enroll(session)
+        # The retained hub state comes right after our subscribe: waiting a moment for it lets the birth answer
+        # it, so its arrival does not ask for a second birth. An absent hub costs only this wait.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._hub_state_now.wait(), HUB_STATE_WAIT_S)
+        await self._publish_birth(session)
+        group.create_task(self._heartbeat_loop(session), name="heartbeat")
+        group.create_task(self._flusher(session), name="flusher")
+
+    async def _publish_birth(self, session: Session) -> None:
         birth = Birth(self.profile.name, __version__, {**self.profile.labels, **self.config.labels},
                       tuple(sorted({*self.profile.capabilities, *self.runner.executors})), self.runner.running_refs(),
                       self.outbox.depth(), self.runner.slots, self.hb_interval, self.tel_interval,
                       self.profile.resources())
+        self._birth_for = self._hub_seen
         await self._publish(session, self.signer.seal(birth, self.clock_ms()), qos=1)
-        group.create_task(self._heartbeat_loop(session), name="heartbeat")
-        group.create_task(self._flusher(session), name="flusher")
+        self._birth_sent = True
+
+    def _rebirth(self, why: str) -> None:
+        session = self.session
+        if session is None or not self._birth_sent:
+            return  # the session's first birth is still to come and answers this too
+        log.info("publishing a new birth: %s", why)
+        self._spawn(self._publish_birth(session))
 
     async def _publish(self, session: Session, out: Any, qos: int) -> None:
         await session.publish(out.topic, out.payload, qos=qos)
@@ -217,12 +271,16 @@ class Agent:
         if self._enrolled.is_set():
             return
         backoff = Backoff(1.0, 60.0)
+        config, key = self.config, self.identity.public_key
+        # The token never leaves the device: the request carries a MAC bound to this fleet, node id and key.
+        proof = enroll_proof(config.enroll_token, config.fleet, config.node_id, key) if config.enroll_token else None
+        log.info("asking the hub to enroll node %s with kid %s%s", config.node_id, self.signer.kid.hex(),
+                 " (with the enroll token's proof)" if proof else "")
         while not self._enrolled.is_set():
             if not self._hub_key_known.is_set():
                 log.info("waiting for the hub's state message to learn its key (no --hub-key given)")
                 await self._hub_key_known.wait()
-            request = Enroll(self.identity.public_key, self.profile.name, {**self.profile.labels, **self.config.labels},
-                             self.config.enroll_token)
+            request = Enroll(key, self.profile.name, {**self.profile.labels, **config.labels}, proof)
             await self._publish(session, self.signer.seal(request, self.clock_ms()), qos=1)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._enrolled.wait(), backoff.next())
@@ -241,16 +299,17 @@ class Agent:
                 self.rejected[exc.reason] += 1
                 self._refusals.warning(("cmd", exc.reason), f"refused a command: {exc.reason}: {exc}")
                 continue
-            self.outbox.save_state("hub_window", self.receiver.windows[HUB_ID].to_dict())
+            self._save_hub_window(self.receiver.windows[HUB_ID])
             self._on_command(message.body)
 
     def _on_hub_state(self, topic: str, payload: bytes) -> None:
         # The retained state is delivered again on every subscribe, so it is verified but not replay-checked.
         try:
-            if self.hub_key is None:
+            if self.hub_key is None:  # only with --trust-first-hub-key: without it the agent does not start
                 key = self.receiver.hub_key_from_state(topic, payload)
-                log.warning("pinned the hub key %s on first use; configure --hub-key to avoid trusting the first "
-                            "hub seen", key.hex())
+                log.warning("TRUST ON FIRST USE: pinned hub key %s from the first hub state seen on the broker; "
+                            "whoever published it now commands this node. Check it against `fleetflow hub identity` "
+                            "and configure --hub-key", key.hex())
                 self.identity.pin_hub_key(key)
                 self.hub_key = key
                 self.receiver.keyring.add(HUB_ID, key)
@@ -260,8 +319,17 @@ class Agent:
             self.rejected[exc.reason] += 1
             self._refusals.warning(("hub_state", exc.reason), f"refused a hub state message: {exc.reason}: {exc}")
             return
-        if isinstance(message.body, HubState):
-            log.info("hub is %s", "online" if message.body.online else "offline")
+        if not isinstance(message.body, HubState):
+            return
+        self._hub_state_now.set()
+        log.info("hub is %s", "online" if message.body.online else "offline")
+        stamp = (message.header.boot, message.header.seq)
+        if message.body.online and (self._hub_seen is None or stamp > self._hub_seen):
+            self._hub_seen = stamp
+            # A hub that comes (back) online asks every node for a birth, as a Sparkplug host does: it may have
+            # missed ours (it restarted, or we reconnected to a restarted broker before it did).
+            if self._birth_for is None or stamp > self._birth_for:
+                self._rebirth(f"the hub came online (boot {stamp[0]})")
 
     def _on_command(self, body: Any) -> None:
         if isinstance(body, Assign):
@@ -272,21 +340,42 @@ class Agent:
             if body.eids:
                 self.outbox.remove(body.eids)
                 self._ack_seen.set()
-            if body.enroll == "accepted" and not self._enrolled.is_set():
-                self.identity.set_enrolled(True)
-                self._enrolled.set()
-            elif body.enroll == "rejected":
-                log.error("the hub rejected this node's enrollment; it keeps asking (an operator can accept it)")
+            if body.enroll is not None:
+                self._on_enroll_verdict(body.enroll, body.kid)
         elif isinstance(body, Cancel):
             self.runner.cancel(body.attempts, body.reason)
         elif isinstance(body, Drain):
             self.runner.draining = body.on
         elif isinstance(body, Config):
+            if body.rebirth:
+                self._rebirth("the hub asked for it (it does not hold this node online)")
             self.hb_interval = body.hb or self.hb_interval
             self.tel_interval = body.tel or self.tel_interval
             self.identity.save_intervals(self.hb_interval, self.tel_interval)
             for event in self._interval_changed.values():
                 event.set()
+
+    def _on_enroll_verdict(self, verdict: str, kid: bytes | None) -> None:
+        mine = self.signer.kid
+        if kid is not None and kid != mine:
+            # Another process asked for this node id with another key; the verdict is about that key, not ours.
+            log.debug("ignored an enroll verdict (%s) about kid %s", verdict, kid.hex())
+            return
+        node = self.config.node_id
+        if verdict == "accepted":
+            if not self._enrolled.is_set():
+                self.identity.set_enrolled(True)
+                self._enrolled.set()
+        elif verdict == "pending" and not self._enrolled.is_set():
+            log.info("waiting for an operator to accept this node: fleetflow nodes accept %s --kid %s", node,
+                     mine.hex())
+        elif verdict == "taken":
+            log.error("the hub refused this node's enrollment: node id %s is taken, it is enrolled with another key "
+                      "(this node's kid is %s); use another --node-id, or have an operator revoke the old node and add "
+                      "this key (fleetflow nodes add); it keeps asking", node, mine.hex())
+        elif verdict == "rejected":
+            log.error("the hub rejected this node's enrollment (an operator rejected or revoked node %s, kid %s); "
+                      "it keeps asking", node, mine.hex())
 
     # -- periodic work ---------------------------------------------------------------------------------------------
 

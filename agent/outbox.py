@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocols import cbor
+import cbor2
+
+from protocols import Malformed, cbor
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -237,14 +239,32 @@ class Outbox:
         finally:
             os.close(fd)
 
-    def save_state(self, name: str, value: Any) -> None:
-        """Small durable values that change often (the hub's replay window): cheaper here than in TinyDB."""
+    def save_state(self, values: dict[str, Any]) -> None:
+        """Small durable values that change often (the hub's replay window), written in one transaction: cheaper
+        here than in TinyDB. Each value goes through the codec that reads it back."""
+        rows = [(name, cbor.dumps(value)) for name, value in values.items()]
+        for name, data in rows:
+            cbor.loads(data, f"outbox state {name}")  # what we cannot read back we must not write
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO state (name, value) VALUES (?, ?)", (name, cbor.dumps(value)))
+            self._db.executemany("INSERT OR REPLACE INTO state (name, value) VALUES (?, ?)", rows)
 
-    def load_state(self, name: str) -> Any:
-        row = self._db.execute("SELECT value FROM state WHERE name = ?", (name,)).fetchone()
-        return cbor.loads(row[0], f"outbox state {name}") if row else None
+    def load_state(self, name: str, *, legacy_tags: bool = False) -> Any:
+        """The value saved under `name`, or None. Raises `Malformed` when the row cannot be read. `legacy_tags`
+        also reads a row an earlier version wrote with CBOR tags (the replay bitmap as a bignum, tag 2): it is our
+        own write, so the plain decoder may read it once, and the caller saves it again in the current form."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM state WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return None
+        try:
+            return cbor.loads(row[0], f"outbox state {name}")
+        except Malformed:
+            if not legacy_tags:
+                raise
+        try:
+            return cbor2.loads(row[0])
+        except Exception as exc:  # corrupt beyond the legacy form too: the caller recovers
+            raise Malformed(f"outbox state {name}: unreadable ({type(exc).__name__})") from exc
 
     def close(self) -> None:
         with self._lock:

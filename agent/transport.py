@@ -6,19 +6,30 @@ agent over another transport.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import secrets
+import select
 import socket
 import ssl
 import struct
 from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiomqtt
 
 
 OPERATION_TIMEOUT_S = 10.0
+
+
+def session_client_id(name: str) -> str:
+    """A new, unguessable MQTT client id for every session. A broker closes the older of two connections with one
+    client id (and publishes its Last Will), so a predictable id lets anyone knock a node or the hub offline. The
+    name stays readable in broker logs."""
+    return f"{name[:40]}-{secrets.token_hex(8)}"
 
 
 class TransportError(Exception):
@@ -39,6 +50,10 @@ class Session(Protocol):
     async def subscribe(self, topic_filter: str, qos: int = 1) -> None: ...
 
     def messages(self) -> AsyncIterator[tuple[str, bytes]]: ...
+
+    async def closed(self) -> None:
+        """Returns when the connection ends; raises `TransportError` if it was lost."""
+        ...
 
 
 class Transport(Protocol):
@@ -94,10 +109,50 @@ class _MqttSession:
         except aiomqtt.MqttError as exc:
             raise TransportError(str(exc)) from exc
 
+    async def closed(self) -> None:
+        # For an owner that drains its own incoming queue (the hub's intake). aiomqtt has no public awaitable for
+        # the end of a connection; its message iterator waits on this same future.
+        disconnected: asyncio.Future[None] = self._client._disconnected  # noqa: SLF001
+        try:
+            await asyncio.shield(disconnected)
+        except aiomqtt.MqttError as exc:
+            raise TransportError(str(exc)) from exc
+
+
+def _read_in_bursts(client: Any, burst: int, on_backlog: Callable[[], None] | None) -> None:
+    """Make paho read up to `burst` packets each time the socket is readable, instead of one per event-loop turn.
+
+    With one packet a turn, a receiver that also works on the loop leaves its backlog in the kernel and the broker,
+    where it can neither see it nor put a heartbeat ahead of a flood. Read in bursts, the backlog lands in the
+    incoming queue (the hub's intake), which screens, prioritises and measures it. A burst that ends with data still
+    waiting calls `on_backlog`: the receiver is behind."""
+    read_one = client.loop_read
+
+    def loop_read(max_packets: int = 1) -> Any:
+        rc = read_one()
+        for _ in range(burst - 1):
+            sock = client.socket()
+            if rc != 0 or sock is None:
+                return rc
+            if not (getattr(sock, "pending", lambda: 0)() or select.select([sock], [], [], 0)[0]):
+                return rc
+            rc = read_one()
+        if on_backlog is not None and rc == 0 and client.socket() is not None:
+            on_backlog()
+        return rc
+
+    client.loop_read = loop_read
+
 
 class MqttTransport:
-    def __init__(self, settings: BrokerSettings) -> None:
+    def __init__(self, settings: BrokerSettings, incoming: Callable[..., Any] | None = None, read_burst: int = 1,
+                 on_backlog: Callable[[], None] | None = None) -> None:
+        """`incoming`, if given, makes the queue each connection puts received messages in (called with
+        `maxsize=`); the hub passes its intake, which screens and prioritises as messages arrive. `read_burst`
+        packets are read per readiness of the socket (see `_read_in_bursts`)."""
         self.settings = settings
+        self.incoming = incoming
+        self.read_burst, self.on_backlog = read_burst, on_backlog
         self.host, self.port, self.tls = settings.parsed()
         self._client: aiomqtt.Client | None = None
 
@@ -124,12 +179,15 @@ class MqttTransport:
             self.host, self.port, identifier=client_id, username=s.username, password=s.password,
             will=aiomqtt.Will(will.topic, will.payload, will.qos, will.retain) if will else None,
             keepalive=s.keepalive, tls_context=tls_context, clean_session=True, max_queued_incoming_messages=10_000,
+            queue_type=self.incoming,  # type: ignore[arg-type]  # a factory with Queue's calls is enough
             # A broker that stops answering (a SUBACK or PUBACK that never comes) ends the session, and the caller
             # reconnects with a new boot, instead of waiting forever.
             timeout=OPERATION_TIMEOUT_S,
             max_inflight_messages=100,
             # Small messages each way: Nagle plus delayed ACKs would add tens of ms per round trip.
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        if self.read_burst > 1:
+            _read_in_bursts(client._client, self.read_burst, self.on_backlog)  # noqa: SLF001  # paho's client
         try:
             await client.__aenter__()
         except aiomqtt.MqttError as exc:

@@ -1,10 +1,14 @@
 """The hub's HTTP API (FastAPI, served by uvicorn inside the hub's event loop). Every route needs the bearer token
-written to DATA/api.token. OpenAPI is served at /openapi.json and /docs.
+written to DATA/api.token, the OpenAPI document at /openapi.json too; there are no public docs pages.
+
+One request must never stall the loop that also reads heartbeats: bodies are bounded while they arrive (`BodyLimit`),
+and workflows are parsed and validated in a worker thread within the hub's `Limits`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from typing import TYPE_CHECKING, Any
 
@@ -12,11 +16,13 @@ import uvicorn
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
+from .limits import Limits, data_problem, over
 from .service import OperatorError
 from .state import Core, Run
-from .workflow import WorkflowError, load_workflow_text, workflow_from_data
+from .workflow import Workflow, WorkflowError, load_workflow_text, workflow_from_object
 
 if TYPE_CHECKING:
     from .service import Hub
@@ -38,6 +44,11 @@ class Drain(BaseModel):
 class AddNode(BaseModel):
     id: str
     public_key: str = Field(description="Ed25519 public key, 64 hex characters")
+
+
+class AcceptNode(BaseModel):
+    kid: str = Field(pattern=r"^([0-9a-fA-F]{16}|[0-9a-fA-F]{64})$",
+                     description="the kid of the key the operator reviewed (16 hex characters), or that key (64)")
 
 
 def run_summary(run: Run) -> dict[str, Any]:
@@ -84,11 +95,63 @@ def node_view(hub: Hub, node_id: str) -> dict[str, Any]:
                                 "rejected": view.heartbeat.rejected}
     if enrolled is not None:
         out["key"] = enrolled["key"]
+        out["kid"] = enrolled["kid"]  # the fingerprint `nodes accept --kid` names
     return out
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `limits.request_bytes` is refused with 413, by its Content-Length when it
+    has one, else (chunked) as soon as the bytes received pass the limit, so nothing larger is ever buffered.
+
+    The connection is not closed after the refusal: closing a socket with unread data makes the kernel reset the
+    connection, and a client still sending then often loses the 413. uvicorn drops the rest of the body as it arrives
+    instead, in small slices between other work, without keeping it (as a server's "lingering close" does).
+    """
+
+    def __init__(self, app: ASGIApp, limits: Limits) -> None:
+        self.app = app
+        self.limits = limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limits.request_bytes
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            await JSONResponse({"detail": self.refusal(declared.decode())}, 413)(scope, receive, send)
+            return
+        received = 0
+
+        async def bounded_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    # FastAPI passes an HTTPException raised while reading the body on to its handler, which answers.
+                    raise HTTPException(413, self.refusal(f"more than {limit}"))
+            return message
+
+        await self.app(scope, bounded_receive, send)
+
+    def refusal(self, size: str) -> str:
+        return f"request body: {size} bytes, {over(self.limits, 'request_bytes')}"
+
+
+def parse_submission(body: SubmitRun, limits: Limits) -> Workflow:
+    """The workflow of a submission, parsed and validated within `limits`. CPU-bound: runs in a worker thread."""
+    problem = data_problem(body.inputs, "inputs", limits, workflow=False)
+    if problem is not None:
+        raise WorkflowError([problem])
+    return (load_workflow_text(body.workflow, "workflow", limits) if isinstance(body.workflow, str)
+            else workflow_from_object(body.workflow, "workflow", limits))
+
+
 def create_app(hub: Hub) -> FastAPI:
-    app = FastAPI(title="fleetflow hub", version=__version__)
+    # The docs pages and the schema would otherwise answer without a token; the schema is served below, guarded.
+    app = FastAPI(title="fleetflow hub", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, limits=hub.config.limits)
 
     def auth(authorization: str = Header(default="")) -> None:
         scheme, _, token = authorization.partition(" ")
@@ -102,6 +165,10 @@ def create_app(hub: Hub) -> FastAPI:
     async def operator_error(request: Request, exc: OperatorError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
+    @app.get("/openapi.json", dependencies=guarded, include_in_schema=False)
+    async def openapi() -> dict[str, Any]:
+        return app.openapi()
+
     @app.get("/health", dependencies=guarded)
     async def health() -> dict[str, Any]:
         core = hub.core
@@ -113,8 +180,8 @@ def create_app(hub: Hub) -> FastAPI:
     @app.post("/runs", dependencies=guarded, status_code=201)
     async def submit(body: SubmitRun, idempotency_key: str | None = Header(default=None)) -> dict[str, Any]:
         try:
-            workflow = (load_workflow_text(body.workflow, "workflow") if isinstance(body.workflow, str)
-                        else workflow_from_data(body.workflow, "workflow"))
+            # Parsing and validating may take most of a second: in a thread, so heartbeats keep being read.
+            workflow = await asyncio.to_thread(parse_submission, body, hub.config.limits)
         except WorkflowError as exc:
             raise HTTPException(422, str(exc)) from None
         run_id, created = await hub.submit(workflow, body.inputs, idempotency_key)
@@ -170,7 +237,12 @@ def create_app(hub: Hub) -> FastAPI:
             raise HTTPException(422, "public_key must be 64 hex characters") from None
         return await hub.add_node(body.id, key)
 
-    for action in ("accept", "reject", "revoke"):
+    @app.post("/nodes/{node_id}/accept", dependencies=guarded, name="accept_node")
+    async def accept(node_id: str, body: AcceptNode) -> dict[str, Any]:
+        # 409 if the node's key is no longer the one named: it changed after the operator reviewed it.
+        return await hub.node_action(node_id, "accept", kid=body.kid)
+
+    for action in ("reject", "revoke"):
         def route(action: str = action) -> Any:
             async def act(node_id: str) -> dict[str, Any]:
                 return await hub.node_action(node_id, action)
@@ -190,25 +262,25 @@ def create_app(hub: Hub) -> FastAPI:
 
 def bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # not SO_REUSEPORT: a port in use still fails
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
     sock.setblocking(False)
     return sock
 
 
-async def serve(hub: Hub) -> None:
-    sock = bind(hub.config.api_host, hub.config.api_port)
-    host, port = sock.getsockname()[:2]
-    hub.api_url = f"http://{host}:{port}"
-    hub._set_meta(api=hub.api_url)  # clients given --data find the API here
+async def serve(hub: Hub, sock: socket.socket) -> None:
+    """Serve the API on a socket already bound (Hub.run binds it first, so a port in use stops the start)."""
     config = uvicorn.Config(create_app(hub), log_level="warning", lifespan="off", access_log=False)
     server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # the hub owns signals
+    # The hub owns SIGTERM and SIGINT; uvicorn would take them for itself (signal.signal) while it serves.
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
     try:
         await server.serve(sockets=[sock])
     except asyncio.CancelledError:
         server.should_exit = True
         raise
-
-

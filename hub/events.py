@@ -132,6 +132,19 @@ class AttemptLost(Event):
     attempt: str = ""
     reason: str = ""
     counts: bool = True                                   # does it use up one of the step's attempts?
+    unanswered: bool = False                              # an assignment its (online) node never answered: counted
+                                                          # apart, with backoff (older journals: False, re-queued free)
+
+
+@dataclass(frozen=True, slots=True)
+class StepUnrunnable(Event):
+    """The core found that a queued step can never run (its assignment cannot be sent, no node in the fleet offers
+    what it needs, or its assignments go unanswered): it fails for good, whatever its retry policy."""
+
+    KIND: ClassVar[str] = "step_unrunnable"
+    run: str = ""
+    step: str = ""
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,8 +210,8 @@ class HubLoadChanged(Event):
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.KIND: cls for cls in (RunSubmitted, RunCancelRequested, NodeBorn, NodeSeen, NodeDied, NodeDrainSet,
                               NodeRemoved, StepReported, ResultReported, ReplayMarks, AttemptAssigned, AttemptLost,
-                              NodeSuspected, NodeFailed, RunTimedOut, HealthChanged, ActionTaken, BreakerChanged,
-                              HubLoadChanged)
+                              StepUnrunnable, NodeSuspected, NodeFailed, RunTimedOut, HealthChanged, ActionTaken,
+                              BreakerChanged, HubLoadChanged)
 }
 
 

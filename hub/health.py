@@ -19,6 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .runnable import UnrunnablePolicy
 from .workflow import WorkflowError, load_model_text
 
 Action = Literal["throttle", "migrate", "circuit_break", "drain", "alert", "telemetry_rate"]
@@ -88,6 +89,7 @@ class Policy(_Model):
     breaker: Breaker = Field(default_factory=Breaker)
     limits: Limits = Field(default_factory=Limits)
     self_protection: SelfProtection = Field(default_factory=SelfProtection)
+    unrunnable: UnrunnablePolicy = Field(default_factory=UnrunnablePolicy)
 
     def thresholds_for(self, profile: str, profile_thresholds: dict[str, dict[str, float]] | None = None
                        ) -> dict[str, Threshold]:

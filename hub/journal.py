@@ -1,7 +1,10 @@
 """The event journal: SQLite in WAL mode, synchronous=FULL, appends grouped into one transaction per batch on a
 writer thread (group commit: one fsync for every event that arrived meanwhile), and snapshots every N events.
 
-Restart = the latest snapshot + the events after it. Snapshots are a cache: one of another format is ignored and
+Restart = the latest snapshot + the events after it. The replay high-water mark of every sender (boot, highest seq,
+death certificate seen) is kept in a table of its own, upserted in the same transaction as the batch whose messages
+moved it: the marks are durable before anything those messages caused is acted on or acknowledged, and they cost
+one row per sender, not a journal that grows with every heartbeat. Snapshots are a cache: one of another format is ignored and
 the journal is replayed from the start instead. The schema is versioned; a journal of an unknown version is refused.
 """
 
@@ -27,7 +30,10 @@ SNAPSHOT_FORMAT = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, at INTEGER NOT NULL, kind TEXT NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS snapshots (seq INTEGER PRIMARY KEY, format INTEGER NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS marks (sender TEXT PRIMARY KEY, boot INTEGER NOT NULL, top INTEGER NOT NULL,
+                                  death_seen INTEGER NOT NULL);
 """
+Mark = tuple[int, int, bool]  # (boot, highest seq accepted, death certificate seen)
 
 
 class JournalError(RuntimeError):
@@ -62,8 +68,8 @@ class Journal:
         self.last_seq = int(row[0])
         self._since_snapshot = 0
         self.stats = CommitStats()
-        self._queue: queue.Queue[tuple[list[Event], asyncio.Future[None], asyncio.AbstractEventLoop] | None] = \
-            queue.Queue()
+        self._queue: queue.Queue[tuple[list[Event], dict[str, Mark], asyncio.Future[None],
+                                       asyncio.AbstractEventLoop] | None] = queue.Queue()
         self._writer: threading.Thread | None = None
 
     # -- reading -------------------------------------------------------------------------------------------------
@@ -72,6 +78,10 @@ class Journal:
         cursor = self._db.execute("SELECT seq, kind, data FROM events WHERE seq > ? ORDER BY seq", (after,))
         for seq, kind, data in cursor:
             yield seq, from_record(kind, cbor2.loads(data))
+
+    def marks(self) -> dict[str, Mark]:
+        return {sender: (int(boot), int(top), bool(death)) for sender, boot, top, death in
+                self._db.execute("SELECT sender, boot, top, death_seen FROM marks")}
 
     def load(self) -> Core:
         """The latest usable snapshot plus the events after it."""
@@ -92,16 +102,18 @@ class Journal:
 
     # -- writing -------------------------------------------------------------------------------------------------
 
-    def append_now(self, events: list[Event]) -> None:
+    def append_now(self, events: list[Event], marks: dict[str, Mark] | None = None) -> None:
         """Synchronous durable append (tests, tools, benchmarks)."""
-        self._write(events)
+        self._write(events, marks or {})
 
-    def _write(self, events: list[Event]) -> None:
+    def _write(self, events: list[Event], marks: dict[str, Mark]) -> None:
         started = time.perf_counter()
         rows = [(self.last_seq + i + 1, *_encode(e)) for i, e in enumerate(events)]
         self._db.execute("BEGIN")
         try:
             self._db.executemany("INSERT INTO events (seq, at, kind, data) VALUES (?, ?, ?, ?)", rows)
+            self._db.executemany("INSERT OR REPLACE INTO marks (sender, boot, top, death_seen) VALUES (?, ?, ?, ?)",
+                                 [(sender, *mark) for sender, mark in marks.items()])
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -112,16 +124,17 @@ class Journal:
         self.stats.events += len(rows)
         self.stats.last_seconds = time.perf_counter() - started
 
-    async def append(self, events: list[Event]) -> None:
-        """Durable append from the event loop; concurrent callers share one commit."""
-        if not events:
+    async def append(self, events: list[Event], marks: dict[str, Mark] | None = None) -> None:
+        """Durable append (events, and replay marks that moved) from the event loop; concurrent callers share one
+        commit."""
+        if not events and not marks:
             return
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)
             self._writer.start()
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        self._queue.put((events, done, loop))
+        self._queue.put((events, marks or {}, done, loop))
         await done
 
     def _write_loop(self) -> None:
@@ -139,12 +152,15 @@ class Journal:
                     self._queue.put(None)
                     break
                 batch.append(more)
+            marks: dict[str, Mark] = {}
+            for _, more_marks, _, _ in batch:
+                marks.update(more_marks)  # later batches carry later marks
             try:
-                self._write([e for events, _, _ in batch for e in events])
+                self._write([e for events, _, _, _ in batch for e in events], marks)
                 error = None
             except Exception as exc:
                 error = exc
-            for _, future, loop in batch:
+            for _, _, future, loop in batch:
                 loop.call_soon_threadsafe(_settle, future, error)
 
     def snapshot_due(self) -> bool:

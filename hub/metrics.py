@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -20,7 +20,7 @@ class _StateCollector(Collector):
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         core = self.hub.core
         nodes = GaugeMetricFamily("fleetflow_nodes", "Nodes by liveness", labels=["state"])
         for state, count in sorted(collections.Counter(n.state for n in core.nodes.values()).items()):
@@ -42,6 +42,26 @@ class _StateCollector(Collector):
         lost = GaugeMetricFamily("fleetflow_lost_attempts", "Attempts lost (node failure, timeout, migration)")
         lost.add_metric([], core.counters.lost_attempts)
         yield lost
+        intake = self.hub.intake
+        queued = CounterMetricFamily("fleetflow_intake_queued", "Messages screened and queued for the core, by kind",
+                                     labels=["kind"])
+        for kind, count in sorted(intake.queued.items()):
+            queued.add_metric([kind], count)
+        yield queued
+        shed = CounterMetricFamily("fleetflow_intake_shed", "Messages dropped unprocessed because the hub was behind "
+                                   "or a sender over its quota, by kind and reason", labels=["kind", "reason"])
+        for (kind, reason), count in sorted(intake.shed.items()):
+            shed.add_metric([kind, reason], count)
+        yield shed
+        # One count of refusals by reason, whether screening (before any signature check) or full verification
+        # refused the message: an operator or a checker asks "was it refused", not "at which stage".
+        rejected = CounterMetricFamily("fleetflow_rejected", "Messages refused, by reason", labels=["reason"])
+        for reason, count in sorted((intake.refused + self.hub.metrics.rejected).items()):
+            rejected.add_metric([reason], count)
+        yield rejected
+        paused = GaugeMetricFamily("fleetflow_liveness_suspended", "1 while the hub is behind and decides no liveness")
+        paused.add_metric([], 1 if self.hub.liveness_paused else 0)
+        yield paused
 
 
 class HubMetrics:
@@ -49,8 +69,7 @@ class HubMetrics:
         self.registry = CollectorRegistry()
         self.messages = Counter("fleetflow_messages", "Messages received, by type and verdict", ["type", "verdict"],
                                 registry=self.registry)
-        self.rejected = Counter("fleetflow_rejected", "Messages refused, by reason", ["reason"],
-                                registry=self.registry)
+        self.rejected: collections.Counter[str] = collections.Counter()  # after screening (see the collector)
         self.decisions = Counter("fleetflow_decisions", "Core decisions, by kind", ["kind"], registry=self.registry)
         self.step_latency = Histogram("fleetflow_step_seconds", "Step run time, started to result",
                                       registry=self.registry,
@@ -65,6 +84,11 @@ class HubMetrics:
         self.ingest_lag = Histogram("fleetflow_ingest_lag_seconds", "Time from receiving a message to applying it",
                                     registry=self.registry,
                                     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.enrollments = Counter("fleetflow_enroll_requests", "Enroll requests, by the verdict they got",
+                                   ["verdict"], registry=self.registry)
+        self.enroll_dropped = Counter("fleetflow_enroll_pending_dropped",
+                                      "Pending enroll requests dropped, oldest first, to stay under the cap",
+                                      registry=self.registry)
         self.registry.register(_StateCollector(hub))
 
     def count_decision(self, event: Any) -> None:

@@ -3,31 +3,102 @@
 TinyDB rewrites its whole file on every write, so an enrollment storm (thousands of devices at once) would cost
 O(N) per device. Changes are therefore applied in memory and written by `flush()`: the hub flushes once per batch
 of messages, before it sends any answer that depends on them.
+
+The enrollment rules live here, as one function of (registry, request, policy), so they can be tested without a
+broker:
+
+- the id `hub` is the hub's own sender id: an enroll from it is refused and nothing is stored;
+- an id enrolled with one key is never given to another (`taken`); rejected and revoked ids stay refused;
+- a pending request whose key changes starts over: an operator accepts a key by its fingerprint (the kid), so an
+  accept names exactly the key that was reviewed, never one that replaced it in between;
+- pending requests are capped; the oldest is dropped to make room (its agent asks again later);
+- an enroll token admits at most `token_uses` enrollments, counted durably by the token's fingerprint (a new
+  token starts from zero); a repeated request from an already accepted key uses nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from tinydb import TinyDB
 
 from agent.identity import DurableJSONStorage
-from protocols import check_id
+from protocols import HUB_ID, check_id, kid_for
+
+from .throttle import ThrottledLog
+
+log = logging.getLogger("fleetflow.hub")
 
 STATES = ("pending", "accepted", "rejected", "revoked")
+DEFAULT_MAX_PENDING: Final = 1_000
+# One enrollment per token unless the operator says otherwise: a token that leaks from a device image after it was
+# used admits nobody, and the size of a provisioning batch is something only the operator knows.
+DEFAULT_TOKEN_USES: Final = 1
 
 
 class RegistryError(ValueError):
+    """An operator request the registry refuses (a conflict with what it holds)."""
+
+
+class NoSuchNode(RegistryError):
     pass
+
+
+class KeyMismatch(RegistryError):
+    """An accept named another key than the one the node asks with now."""
+
+
+def fingerprint(key: bytes) -> str:
+    """What operators compare: the kid of the key (first 8 bytes of SHA-256 of the raw public key), in hex. The
+    hub's log, `nodes list/show`, `agent identity` and the agent's own log all print this same string."""
+    return kid_for(key).hex()
+
+
+def token_fingerprint(token: str) -> str:
+    """How the registry tells tokens apart without storing one: a hash with its own context string."""
+    return hashlib.sha256(b"fleetflow-enroll-token-id\x00" + token.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollPolicy:
+    auto_accept: bool = False
+    token: str | None = None  # token_fingerprint() of the hub's enroll token; None: no token configured
+    token_uses: int = DEFAULT_TOKEN_USES
+    max_pending: int = DEFAULT_MAX_PENDING
+
+
+@dataclass(frozen=True, slots=True)
+class Enrollment:
+    """What one enroll request did. `verdict` is the `ack.enroll` answer, or `reserved` (no answer is sent)."""
+
+    verdict: str
+    kid: str                        # fingerprint of the key in the request
+    new: bool = False               # a new pending entry or a new admission (worth an info line)
+    replaced_kid: str = ""          # a pending request changed keys: the kid it had; the request started over
+    enrolled_kid: str = ""          # verdict `taken`: the kid the id is enrolled with
+    admitted_by: str = ""           # `auto` or `token` when this request accepted the node
+    token: str = ""                 # proof presented: `used`, `spent` (valid, no uses left) or `bad`
+    token_uses: int = 0             # uses of the token so far, after this request
+    dropped: tuple[str, ...] = ()   # pending ids dropped, oldest first, to stay under the cap
 
 
 class Registry:
     def __init__(self, path: Path) -> None:
         self._db = TinyDB(str(path), storage=DurableJSONStorage)
         self._nodes = self._db.table("nodes")
-        self._cache = {doc["id"]: dict(doc) for doc in self._nodes.all()}
+        self._tokens = self._db.table("tokens")
+        self._cache = {doc["id"]: {**doc, "kid": fingerprint(bytes.fromhex(doc["key"]))} for doc in self._nodes.all()}
+        self._uses: dict[str, dict[str, Any]] = {doc["id"]: dict(doc) for doc in self._tokens.all()}
+        # Pending ids, oldest request first: dropping the oldest when full is O(1), an enroll storm stays cheap.
+        pending = sorted((d for d in self._cache.values() if d["state"] == "pending"),
+                         key=lambda d: (d["requested_at"], d["id"]))
+        self._pending: dict[str, None] = {d["id"]: None for d in pending}
         self._dirty = False
+        self.log = ThrottledLog()
 
     def get(self, node_id: str) -> dict[str, Any] | None:
         return self._cache.get(node_id)
@@ -38,55 +109,135 @@ class Registry:
     def accepted_keys(self) -> list[tuple[str, bytes]]:
         return [(d["id"], bytes.fromhex(d["key"])) for d in self._cache.values() if d["state"] == "accepted"]
 
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    def token_uses(self, token: str | None) -> int:
+        return int(self._uses.get(token or "", {}).get("uses", 0))
+
     def _put(self, doc: dict[str, Any]) -> dict[str, Any]:
         self._cache[doc["id"]] = dict(doc)
+        if doc["state"] == "pending":
+            self._pending.setdefault(doc["id"], None)
+        else:
+            self._pending.pop(doc["id"], None)
         self._dirty = True
         return doc
 
     def flush(self) -> None:
-        """Write every change since the last flush in one durable write."""
+        """Write every change since the last flush in one durable write (nodes and token uses together)."""
         if self._dirty:
             self._nodes.truncate()
             self._nodes.insert_multiple(self.all())
+            self._tokens.truncate()
+            self._tokens.insert_multiple(sorted(self._uses.values(), key=lambda d: d["id"]))
             self._dirty = False
 
+    # -- enroll requests (from the wire) -------------------------------------------------------------------------
+
     def request(self, node_id: str, key: bytes, profile: str, labels: dict[str, str], at: int,
-                auto_accept: bool, token_ok: bool) -> str:
-        """An enroll request arrived; returns the node's enrollment state after it."""
+                policy: EnrollPolicy, proof: bool | None = None) -> Enrollment:
+        """An enroll request arrived. `proof`: None if it carried no token proof (or the hub has no token), else
+        whether the proof verified for this fleet, id and key."""
+        kid = fingerprint(key)
+        if node_id == HUB_ID:
+            return Enrollment("reserved", kid)
         doc = self._cache.get(node_id)
+        if doc is not None and doc["state"] != "pending":
+            if doc["key"] != key.hex():
+                if doc["state"] == "accepted":
+                    return Enrollment("taken", kid, enrolled_kid=doc["kid"])
+                return Enrollment("rejected", kid)  # an operator refused this id; it stays refused
+            # the same key asking again (a restart, a lost ack): answer, and use no token
+            return Enrollment("accepted" if doc["state"] == "accepted" else "rejected", kid)
+
+        admitted_by = "auto" if policy.auto_accept else ""
+        token, uses = "", self.token_uses(policy.token)
+        if proof is False:
+            token = "bad"
+        elif proof is True and policy.token is not None and not admitted_by:
+            if uses < policy.token_uses:
+                token, admitted_by, uses = "used", "token", uses + 1
+                record = self._uses.get(policy.token) or {"id": policy.token, "uses": 0, "nodes": []}
+                self._uses[policy.token] = {**record, "uses": uses, "nodes": [*record["nodes"], node_id]}
+            else:
+                token = "spent"
+        state = "accepted" if admitted_by else "pending"
+
+        replaced = ""
+        dropped: tuple[str, ...] = ()
         if doc is None:
-            state = "accepted" if auto_accept or token_ok else "pending"
-            self._put({"id": node_id, "key": key.hex(), "state": state, "profile": profile, "labels": labels,
-                       "requested_at": at, "changed_at": at})
-            return state
-        if doc["key"] != key.hex():
-            if doc["state"] == "pending":  # a pending request may be replaced by a newer key
-                return self._put({**doc, "key": key.hex(), "requested_at": at})["state"]
-            return "rejected"  # an accepted id asking with another key: refuse, never silently replace
-        if doc["state"] == "pending" and (auto_accept or token_ok):
-            return self._put({**doc, "state": "accepted", "changed_at": at})["state"]
-        return doc["state"]  # type: ignore[no-any-return]
+            if state == "pending":
+                dropped = self._make_room(policy.max_pending)
+            doc = {"id": node_id, "key": key.hex(), "kid": kid, "state": state, "profile": profile, "labels": labels,
+                   "requested_at": at, "changed_at": at}
+        elif doc["key"] != key.hex():
+            # Another key for a pending id: the request starts over (and goes to the back of the queue), so an
+            # operator's accept of the kid reviewed earlier no longer matches.
+            replaced = doc["kid"]
+            self._pending.pop(node_id, None)
+            doc = {**doc, "key": key.hex(), "kid": kid, "state": state, "profile": profile, "labels": labels,
+                   "requested_at": at, "changed_at": at}
+        elif state != doc["state"]:
+            doc = {**doc, "state": state, "changed_at": at}
+        else:
+            return Enrollment(state, kid, token=token, token_uses=uses)  # unchanged: nothing to write
+        self._put(doc)
+        return Enrollment(state, kid, new=True, replaced_kid=replaced, admitted_by=admitted_by, token=token,
+                          token_uses=uses, dropped=dropped)
+
+    def _make_room(self, limit: int) -> tuple[str, ...]:
+        dropped = []
+        while self._pending and len(self._pending) >= max(1, limit):
+            oldest = next(iter(self._pending))
+            del self._pending[oldest]
+            del self._cache[oldest]
+            dropped.append(oldest)
+            self._dirty = True
+        return tuple(dropped)
+
+    # -- operator actions (written at once) -----------------------------------------------------------------------
 
     def add(self, node_id: str, key: bytes, at: int) -> dict[str, Any]:
         """Pre-register (an operator adds a node's key before it ever connects)."""
         check_id(node_id, "node id")
+        if node_id == HUB_ID:
+            raise RegistryError(f"the node id {HUB_ID!r} is reserved for the hub")
         if len(key) != 32:
             raise RegistryError("a public key has 32 bytes")
-        doc = self._put({"id": node_id, "key": key.hex(), "state": "accepted", "profile": "", "labels": {},
-                         "requested_at": at, "changed_at": at})
+        doc = self._put({"id": node_id, "key": key.hex(), "kid": fingerprint(key), "state": "accepted", "profile": "",
+                         "labels": {}, "requested_at": at, "changed_at": at})
         self.flush()
         return doc
 
-    def set_state(self, node_id: str, state: str, at: int) -> dict[str, Any]:
-        doc = self._cache.get(node_id)
-        if doc is None:
-            raise RegistryError(f"no node {node_id!r} has asked to enroll or been added")
-        if state not in STATES:
-            raise RegistryError(f"unknown enrollment state {state!r}")
-        if doc["state"] == "revoked" and state == "accepted":
+    def accept(self, node_id: str, key_or_kid: str, at: int) -> dict[str, Any]:
+        """Accept the key an operator reviewed, named by its kid (or the full public key, in hex)."""
+        doc = self._existing(node_id)
+        given = key_or_kid.strip().lower()
+        if given not in (doc["kid"], doc["key"]):
+            raise KeyMismatch(f"node {node_id!r} now asks to enroll with kid {doc['kid']}, not {given}: its key "
+                              f"changed since it was reviewed (or the kid is mistyped); check it again with "
+                              f"`fleetflow nodes show {node_id}`")
+        if doc["state"] == "revoked":
             raise RegistryError(f"node {node_id!r} was revoked; add it again with a new key")
+        if doc["state"] != "accepted":
+            doc = self._put({**doc, "state": "accepted", "changed_at": at})
+            self.flush()
+        return doc
+
+    def set_state(self, node_id: str, state: str, at: int) -> dict[str, Any]:
+        """Reject or revoke (accepting goes through `accept`, which names the key)."""
+        doc = self._existing(node_id)
+        if state not in STATES or state == "accepted":
+            raise RegistryError(f"cannot set enrollment state {state!r} this way")
         doc = self._put({**doc, "state": state, "changed_at": at})
         self.flush()
+        return doc
+
+    def _existing(self, node_id: str) -> dict[str, Any]:
+        doc = self._cache.get(node_id)
+        if doc is None:
+            raise NoSuchNode(f"no node {node_id!r} has asked to enroll or been added")
         return doc
 
     def close(self) -> None:

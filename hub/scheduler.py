@@ -4,13 +4,15 @@ Filter: online, not draining or removed, healthy enough, the step's executor ena
 slots, its resources within what the node announced minus what its running attempts hold, affinity and
 anti-affinity, and not a node that just refused it. Score: `spread` prefers the least loaded node, `bin-pack` the
 most loaded one that still fits. The queue is served by priority (higher first), then deadline, then arrival.
+A ready step that can never run (hub/runnable.py) is not placed but failed, so it neither loops nor waits forever.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .events import AttemptAssigned
+from .events import AttemptAssigned, Event, StepUnrunnable
+from .runnable import FleetOffer, cannot_send
 
 if TYPE_CHECKING:
     from .state import Core, Node, Run, StepRun
@@ -76,31 +78,44 @@ def candidates_for(core: Core, run: Run, step: StepRun, nodes: list[Node], free:
     return out
 
 
-def place(core: Core, now: int, limit: int = 1000) -> list[AttemptAssigned]:
+def place(core: Core, now: int, limit: int = 1000) -> list[Event]:
     if not core.queue:
         return []
-    nodes = sorted((n for n in core.nodes.values() if eligible(core, n)), key=lambda n: n.id)
-    if not nodes:
-        return []
-    # a half-open breaker lets exactly one probe attempt through
-    free = {n.id: (1 if n.breaker == "half_open" else n.slots) - len(n.attempts) for n in nodes}
-    used = {n.id: _used(core, n) for n in nodes}
-    load = {n.id: len(n.attempts) for n in nodes}
+    failed: list[Event] = []
+    grace = core.policy.unrunnable.grace * 1000  # after a restart too: what the fleet offers is in the journal
+    fleet: FleetOffer | None = None  # built on first need: most passes have no step waiting past the grace
     ready = []
     for run_id, step_id in core.queue:
         run = core.runs[run_id]
         step = run.steps[step_id]
         if step.ready_at <= now:
+            if now - step.ready_at >= grace:
+                fleet = fleet or FleetOffer(core)
+                problem = fleet.missing(step)
+                if problem is not None:
+                    failed.append(StepUnrunnable(now, run_id, step_id, problem))
+                    continue
             ready.append((-step.spec.placement.priority - run.workflow.priority, run.deadline, run.seq, step_id,
                           run, step))
+    nodes = sorted((n for n in core.nodes.values() if eligible(core, n)), key=lambda n: n.id)
+    if not nodes:
+        return failed
+    # a half-open breaker lets exactly one probe attempt through
+    free = {n.id: (1 if n.breaker == "half_open" else n.slots) - len(n.attempts) for n in nodes}
+    used = {n.id: _used(core, n) for n in nodes}
+    load = {n.id: len(n.attempts) for n in nodes}
     ready.sort(key=lambda item: item[:4])
-    out: list[AttemptAssigned] = []
+    out: list[Event] = failed
     fence = core.fence
     for *_, run, step in ready:
         if len(out) >= limit or not any(v > 0 for v in free.values()):
             break
         options = candidates_for(core, run, step, nodes, free, used, now)
         if not options:
+            continue
+        problem = cannot_send(step)  # checked when placing, so a long queue costs nothing per pass
+        if problem is not None:
+            out.append(StepUnrunnable(now, run.id, step.id, problem))
             continue
         if step.spec.placement.strategy == "bin-pack":
             best = min(options, key=lambda n: (-(load[n.id] / max(1, n.slots)), n.id))

@@ -14,6 +14,7 @@ import hmac
 import logging
 import os
 import secrets
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -23,23 +24,29 @@ from typing import Any
 from tinydb import TinyDB
 
 from agent.identity import DurableJSONStorage
-from agent.keys import load_key, write_new_key
-from agent.node import Backoff, RateLimitedLog
+from agent.keys import load_key, read_private_text, write_new_key
+from agent.node import Backoff
 from agent.telemetry import now_ms
-from agent.transport import BrokerSettings, MqttTransport, Session, Transport, TransportError, Will
+from agent.transport import (BrokerSettings, MqttTransport, Session, Transport, TransportError, Will,
+                             session_client_id)
 from protocols import (HUB_ID, Ack, Assign, AttemptRef, Birth, Cancel, Config, Death, Drain, Enroll, Heartbeat,
                        HubState, Keyring, ProtocolError, Receiver, ReplayWindow, Signer, StepEvent, StepResult,
-                       Telemetry)
+                       Telemetry, kid_for)
+from protocols.envelope import DEFAULT_MAX_SIZE
+from protocols.messages import check_enroll_proof
 
 from . import __version__
 from .events import (ActionTaken, Event, HealthChanged, HubLoadChanged, NodeBorn, NodeDied, NodeDrainSet,
-                     NodeRemoved, NodeSeen, ReplayMarks, ResultReported, RunCancelRequested, RunSubmitted,
-                     StepReported)
+                     NodeRemoved, NodeSeen, ResultReported, RunCancelRequested, RunSubmitted, StepReported)
 from .health import HealthTracker, LoadMonitor, Policy
-from .journal import Journal
+from .intake import Inbound, Intake
+from .journal import Journal, Mark
+from .limits import Limits
 from .metrics import HubMetrics
-from .registry import Registry, RegistryError
-from .state import Command, Core, SendAssign, SendCancel, SendConfig, SendDrain
+from .registry import (DEFAULT_MAX_PENDING, DEFAULT_TOKEN_USES, EnrollPolicy, NoSuchNode, Registry, RegistryError,
+                       token_fingerprint)
+from .runnable import workflow_problems
+from .state import Command, Core, SendAssign, SendCancel, SendConfig, SendDrain, compile_workflow
 from .workflow import Workflow, WorkflowError
 
 log = logging.getLogger("fleetflow.hub")
@@ -48,7 +55,15 @@ DEFAULT_RUN_DEADLINE_S = 24 * 3600  # every run ends: one without a timeout gets
 COMMAND_TTL_MS = 60_000
 TICK_S = 0.1
 TIMER_SCAN_S = 0.1  # liveness, timeouts and breakers are scanned at most this often; placement after every batch
-MARKS_EVERY_S = 5.0
+BATCH = 2000
+READ_BURST = 256      # packets read per readiness of the broker socket
+# The hub is behind, and decides no liveness, while a message has waited BEHIND_MS in the intake, for
+# BACKLOG_GRACE_MS after a socket read ended with more waiting, and for SHED_GRACE_MS after the intake shed one.
+BEHIND_MS = 2000
+BACKLOG_GRACE_MS = 1000
+SHED_GRACE_MS = 5000
+REBIRTH_EVERY_MS = 5000  # a live node the hub does not hold online is asked for a birth at most this often
+NODE_KINDS_READ = ("enroll", "birth", "death", "hb", "tel", "evt")  # never `cmd`: our own commands
 
 
 @dataclass
@@ -60,11 +75,14 @@ class HubConfig:
     api_port: int = 8470
     auto_accept: bool = False
     enroll_token: str | None = None
+    enroll_token_uses: int = DEFAULT_TOKEN_USES  # enrollments one enroll token may admit, counted durably
+    max_pending: int = DEFAULT_MAX_PENDING       # pending enroll requests kept; the oldest is dropped beyond
     username: str | None = None
     password: str | None = None
     ca_file: str | None = None
     snapshot_every: int = 10_000
     policy: Policy = field(default_factory=Policy)
+    limits: Limits = field(default_factory=Limits)  # request bodies and workflows (hub/limits.py)
 
 
 class OperatorError(Exception):
@@ -80,6 +98,17 @@ class _Request:
     facts: list[Event]
     future: asyncio.Future[Any]
     result: Any = None
+
+
+@dataclass
+class _BatchOut:
+    """What ingesting a batch calls for besides facts: acks, replies, the senders whose replay marks moved (made
+    durable with the batch), and the nodes born in it (their births are not applied to the core yet)."""
+
+    acks: dict[str, list[int]] = field(default_factory=lambda: collections.defaultdict(list))
+    replies: list[tuple[str, Any]] = field(default_factory=list)
+    senders: set[str] = field(default_factory=set)
+    born: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -109,29 +138,42 @@ class Hub:
         self._profile_thresholds: dict[str, dict[str, dict[str, float]]] = {}
         self.token = self._token(data / "api.token")
         keyring = Keyring(self.registry.accepted_keys())
-        windows = {k: ReplayWindow.from_dict(v) for k, v in self.core.windows.items()}
-        self.receiver = Receiver(config.fleet, keyring, windows=windows)
+        self.receiver = Receiver(config.fleet, keyring, windows=self._restore_windows())
         boot = int((self.meta.get(doc_id=1) or {}).get("boot", 0)) + 1
         self._set_meta(boot=boot, fleet=config.fleet)
         self.signer = Signer(self.key, config.fleet, HUB_ID, boot=boot)
+        self.intake = Intake(config.fleet, self.receiver, now_ms)
         self.transport = transport or MqttTransport(BrokerSettings(config.broker, config.username, config.password,
-                                                                   config.ca_file))
+                                                                   config.ca_file),
+                                                    incoming=lambda maxsize=0: self.intake, read_burst=READ_BURST,
+                                                    on_backlog=self.intake.note_backlog)
         self.metrics = HubMetrics(self)
         self.views: dict[str, NodeView] = collections.defaultdict(NodeView)
-        self.inbox: asyncio.Queue[tuple[str, bytes, int] | _Request] = asyncio.Queue(maxsize=100_000)
+        self.requests: collections.deque[_Request] = collections.deque()
         self.session: Session | None = None
-        self._refusals = RateLimitedLog()
         self._stop = asyncio.Event()
-        self._marks_at = 0.0
         self._timers_at = 0.0
+        self.liveness_paused = False
+        self._rebirth_asked: dict[str, int] = {}
         self.api_url: str | None = None
+
+    def _restore_windows(self) -> dict[str, ReplayWindow]:
+        """Replay windows after a restart: each sender's durable high-water mark (journal table `marks`), which
+        refuses everything at or below it; journals from before that table carry whole windows in the core."""
+        windows = {k: ReplayWindow.from_dict(v) for k, v in self.core.windows.items()}
+        for sender, (boot, top, death_seen) in self.journal.marks().items():
+            old = windows.get(sender)
+            if old is None or (boot, top) > (old.boot, old.top):
+                windows[sender] = ReplayWindow.fenced(boot, top, death_seen)
+        return windows
 
     # -- files ---------------------------------------------------------------------------------------------------
 
     @staticmethod
     def _token(path: Path) -> str:
+        """The API token, made (mode 0600) on first start. Like a key file, refused when other users can read it."""
         if path.exists():
-            return path.read_text().strip()
+            return read_private_text(path, "API token file")
         token = secrets.token_urlsafe(32)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -159,20 +201,37 @@ class Hub:
     def stop(self) -> None:
         self._stop.set()
 
-    async def run(self, api: bool = True) -> None:
-        server_task = None
-        if api:
-            from .api import serve
+    def _listen(self) -> socket.socket:
+        """Bind the API socket; an address that cannot be used is an OperatorError naming the setting."""
+        from .api import bind
 
-            server_task = asyncio.create_task(serve(self), name="api")
-        core_task = asyncio.create_task(self._core_loop(), name="core")
-        monitor_task = asyncio.create_task(self._monitor_load(), name="load")
+        host, port = self.config.api_host, self.config.api_port
+        try:
+            sock = bind(host, port)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise OperatorError(f"cannot listen on {host}:{port} (--api): {reason[:1].lower()}{reason[1:]}") from None
+        bound_host, bound_port = sock.getsockname()[:2]
+        self.api_url = f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"
+        self._set_meta(api=self.api_url)  # clients given --data find the API here
+        log.info("API listening at %s", self.api_url)
+        return sock
+
+    async def run(self, api: bool = True) -> None:
+        tasks: list[asyncio.Task[None]] = []
         backoff = Backoff()
         try:
+            if api:
+                from .api import serve
+
+                # Bound before the broker is tried: a port in use stops the start, rather than leave a hub with no API.
+                tasks.append(asyncio.create_task(serve(self, self._listen()), name="api"))
+            tasks.append(asyncio.create_task(self._core_loop(), name="core"))
+            tasks.append(asyncio.create_task(self._monitor_load(), name="load"))
             while not self._stop.is_set():
                 offline = self.signer.seal(HubState(False, self.public_key, __version__), now_ms())
                 try:
-                    async with self.transport.connect(f"{self.config.fleet}.hub",
+                    async with self.transport.connect(session_client_id(f"{self.config.fleet}.hub"),
                                                       Will(offline.topic, offline.payload, 1, True)) as session:
                         backoff.reset()
                         await self._session(session)
@@ -185,26 +244,23 @@ class Hub:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), backoff.next())
         finally:
-            core_task.cancel()
-            monitor_task.cancel()
-            if server_task is not None:
-                server_task.cancel()
-            await asyncio.gather(core_task, monitor_task, *([server_task] if server_task else []),
-                                 return_exceptions=True)
-            marks = self._marks_event(force=True)
-            if marks is not None:  # the core loop has stopped, so nothing else writes now
-                self.journal.append_now([marks])
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             self.journal.close()
             self.registry.close()
             self.meta.close()
 
     async def _session(self, session: Session) -> None:
-        await session.subscribe(f"fleetflow/v1/{self.config.fleet}/node/+/+", qos=1)
+        for kind in NODE_KINDS_READ:
+            await session.subscribe(f"fleetflow/v1/{self.config.fleet}/node/+/{kind}", qos=1)
+        # Every node that sees this (a newer hub state) publishes a birth: the hub may have missed births while it
+        # was away, or the nodes reconnected to a restarted broker before it did.
         online = self.signer.seal(HubState(True, self.public_key, __version__), now_ms())
         await session.publish(online.topic, online.payload, qos=1, retain=True)
         self.session = session
         log.info("hub online for fleet %s (boot %d)", self.config.fleet, self.signer.boot)
-        reader = asyncio.create_task(self._read(session))
+        reader = asyncio.create_task(session.closed())
         stop = asyncio.create_task(self._stop.wait())
         try:
             done, _ = await asyncio.wait({reader, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -218,23 +274,16 @@ class Hub:
             stop.cancel()
             await asyncio.gather(reader, stop, return_exceptions=True)
 
-    async def _read(self, session: Session) -> None:
-        async for topic, payload in session.messages():
-            if topic.endswith("/cmd"):
-                continue  # our own commands
-            await self.inbox.put((topic, payload, now_ms()))
-
     # -- the core loop -------------------------------------------------------------------------------------------
 
     async def _core_loop(self) -> None:
         while True:
-            batch: list[tuple[str, bytes, int] | _Request] = []
-            try:
-                batch.append(await asyncio.wait_for(self.inbox.get(), TICK_S))
-            except asyncio.TimeoutError:
-                pass
-            while len(batch) < 2000 and not self.inbox.empty():
-                batch.append(self.inbox.get_nowait())
+            if not self.requests:
+                await self.intake.wait(TICK_S)
+            batch: list[Inbound | _Request] = []
+            while self.requests and len(batch) < BATCH // 4:
+                batch.append(self.requests.popleft())
+            batch.extend(self.intake.take(BATCH - len(batch)))
             try:
                 await self._process(batch)
             except Exception:
@@ -243,25 +292,23 @@ class Hub:
                     if isinstance(item, _Request) and not item.future.done():
                         item.future.set_exception(OperatorError("internal error", 500))
 
-    async def _process(self, batch: list[tuple[str, bytes, int] | _Request]) -> None:
+    async def _process(self, batch: list[Inbound | _Request]) -> None:
         now = now_ms()
         facts: list[Event] = []
-        acks: dict[str, list[int]] = collections.defaultdict(list)
-        replies: list[tuple[str, Any]] = []
+        out = _BatchOut()
         requests: list[_Request] = []
         for item in batch:
             if isinstance(item, _Request):
                 facts.extend(item.facts)
                 requests.append(item)
             else:
-                facts.extend(self._ingest(*item, acks, replies))
-        marks = self._marks_event()
-        if marks is not None:
-            facts.append(marks)
+                facts.extend(self._ingest(item, out))
+        marks: dict[str, Mark] = {s: self.receiver.windows[s].mark() for s in out.senders
+                                  if s in self.receiver.windows}
         commands: list[Command] = []
-        if facts:
+        if facts or marks:
             started = time.perf_counter()
-            await self.journal.append(facts)
+            await self.journal.append(facts, marks)
             self.metrics.journal_commit.observe(time.perf_counter() - started)
             for fact in facts:
                 if isinstance(fact, ResultReported):
@@ -274,8 +321,9 @@ class Hub:
         scan = time.monotonic() - self._timers_at >= TIMER_SCAN_S
         if scan:
             self._timers_at = time.monotonic()
+        liveness = self._liveness(now_ms())
         for _ in range(5):  # decisions can enable further decisions (a loss re-queues what a placement then moves)
-            decisions = self.core.decide(now_ms(), timers=scan)
+            decisions = self.core.decide(now_ms(), timers=scan, liveness=liveness)
             if not decisions:
                 break
             await self.journal.append(decisions)
@@ -285,29 +333,47 @@ class Hub:
         applied = now_ms()
         for item in batch:
             if not isinstance(item, _Request):
-                self.metrics.ingest_lag.observe((applied - item[2]) / 1000)
+                self.metrics.ingest_lag.observe((applied - item.at) / 1000)
         self.registry.flush()  # enrollment answers go out only once the registry holds them
         for request in requests:
             if not request.future.done():
                 request.future.set_result(request.result)
-        await self._send(commands, acks, replies, now)
+        await self._send(commands, out.acks, out.replies, now)
         if self.journal.snapshot_due():
             self.journal.snapshot(self.core)
 
-    def _ingest(self, topic: str, payload: bytes, at: int, acks: dict[str, list[int]],
-                replies: list[tuple[str, Any]]) -> list[Event]:
+    def _liveness(self, now: int) -> bool:
+        """False while the hub is behind (its intake shed recently, or a message has waited too long): a silence
+        that may be the hub's own is not held against any node. On catching up every node gets a fresh window."""
+        oldest = self.intake.oldest_ms()
+        behind = (now - self.intake.last_shed_ms < SHED_GRACE_MS or (oldest is not None and now - oldest > BEHIND_MS)
+                  or now - self.intake.backlog_ms < BACKLOG_GRACE_MS or self.core.overloaded)
+        if behind and not self.liveness_paused:
+            log.warning("hub is behind (intake shed or lagging): liveness decisions suspended")
+        elif not behind and self.liveness_paused:
+            log.warning("hub caught up: liveness decisions resume, every node gets a fresh heartbeat window")
+            self.core.after_load(now)
+        self.liveness_paused = behind
+        return not behind
+
+    def _ingest(self, item: Inbound, out: _BatchOut) -> list[Event]:
+        at = item.at
         try:
-            message = self.receiver.receive(topic, payload, at)
+            message = self.receiver.receive(item.topic, item.payload, at)
         except ProtocolError as exc:
-            self.metrics.rejected.labels(exc.reason).inc()
-            source = topic.split("/")[4] if topic.count("/") >= 5 else "?"
-            self._refusals.warning((source, exc.reason), f"refused a message on {topic[:120]}: {exc.reason}: {exc}")
+            self.metrics.rejected[exc.reason] += 1
+            self.intake.log.warning(exc.reason, f"refused {exc.reason}: {item.topic[:120]}: {exc}")
             return []
         header, body = message.header, message.body
         node = header.src
         self.metrics.messages.labels(header.type, "accepted").inc()
         if isinstance(body, Enroll):
-            return self._enroll(node, body, at, replies)
+            return self._enroll(node, body, at, out.replies)
+        out.senders.add(node)
+        if isinstance(body, Birth):
+            out.born.add(node)
+        elif not isinstance(body, Death) and node not in out.born:
+            self._ask_rebirth(node, at, out.replies)
         if self.core.touch(node, at):
             seen: list[Event] = [NodeSeen(at, node)]
         else:
@@ -326,14 +392,28 @@ class Hub:
         if isinstance(body, Death):
             return [NodeDied(at, node, header.boot, body.reason)]
         if isinstance(body, StepEvent):
-            acks[node].append(body.eid)
+            out.acks[node].append(body.eid)
             if body.event == "progress":
                 return seen
             return seen + [StepReported(at, node, body.attempt, body.fence, body.event, body.reason)]
         if isinstance(body, StepResult):
-            acks[node].append(body.eid)
+            out.acks[node].append(body.eid)
             return seen + [ResultReported(at, node, body.attempt, body.fence, body.ok, dict(body.output), body.error)]
         return seen
+
+    def _ask_rebirth(self, node: str, at: int, replies: list[tuple[str, Any]]) -> None:
+        """A node that is alive (it just sent a verified message) but that the hub does not hold online (declared
+        failed during a stall, offline, or never seen because its birth was lost) is asked for a birth. Recovery is
+        a protocol rule, not a reconnect: the birth lists its attempts and the hub cancels those it moved."""
+        known = self.core.nodes.get(node)
+        if known is not None and known.state in ("online", "suspected"):
+            return
+        if at - self._rebirth_asked.get(node, -REBIRTH_EVERY_MS) < REBIRTH_EVERY_MS:
+            return
+        self._rebirth_asked[node] = at  # bounded: only enrolled senders get past the signature check
+        log.info("node %s is alive but %s here: asking it for a birth", node,
+                 known.state if known is not None else "unknown")
+        replies.append((node, Config(rebirth=True)))
 
     def _health(self, node_id: str, metrics: dict[str, float], at: int) -> list[Event]:
         """Classify a telemetry sample; health changes and the actions they call for become journal events."""
@@ -379,17 +459,46 @@ class Hub:
                 await self.request([HubLoadChanged(now_ms(), change, self.load.reason)])
 
     def _enroll(self, node: str, body: Enroll, at: int, replies: list[tuple[str, Any]]) -> list[Event]:
-        token_ok = bool(self.config.enroll_token and body.token
-                        and hmac.compare_digest(body.token, self.config.enroll_token))
-        state = self.registry.request(node, body.key, body.profile, dict(body.labels), at, self.config.auto_accept,
-                                      token_ok)
-        if state == "accepted":
+        """An enroll request: the registry applies the rules (hub/registry.py); this answers and reports."""
+        config, token = self.config, self.config.enroll_token
+        proof = (None if token is None or body.proof is None
+                 else check_enroll_proof(body.proof, token, config.fleet, node, body.key))
+        policy = EnrollPolicy(config.auto_accept, token_fingerprint(token) if token else None,
+                              config.enroll_token_uses, config.max_pending)
+        outcome = self.registry.request(node, body.key, body.profile, dict(body.labels), at, policy, proof)
+        self.metrics.enrollments.labels(outcome.verdict).inc()
+        warn = self.registry.log.warning
+        for dropped in outcome.dropped:
+            self.metrics.enroll_dropped.inc()
+            warn("dropped", f"pending enroll requests are capped at {config.max_pending}: dropped the oldest, "
+                            f"from node {dropped} (it is listed again when it asks again)")
+        if outcome.verdict == "reserved":
+            warn("reserved", f"refused an enroll request from node id {HUB_ID!r} (kid {outcome.kid}): that id is the "
+                             f"hub's own")
+            return []  # nothing to answer: the hub does not command itself
+        if outcome.replaced_kid:
+            warn("key-changed", f"node {node}: its pending enroll request changed keys, kid {outcome.replaced_kid} -> "
+                                f"{outcome.kid}; the request starts over and an accept of the old kid is refused")
+        if outcome.token == "bad":
+            warn("bad-proof", f"node {node}: its enroll token proof does not verify (a wrong token, or a proof copied "
+                              f"from another request); the token admits nothing")
+        elif outcome.token == "spent":
+            warn("token-spent", f"node {node}: the enroll token has admitted the {config.enroll_token_uses} "
+                                f"enrollment(s) it may (--enroll-token-uses); left pending")
+        if outcome.verdict == "taken":
+            warn("taken", f"node {node}: enroll refused, the id is taken: it is enrolled with kid "
+                          f"{outcome.enrolled_kid}, this request has kid {outcome.kid}")
+        elif outcome.verdict == "accepted":
             self.receiver.keyring.add(node, body.key)
-        verdict = state if state in ("accepted", "pending") else "rejected"
-        replies.append((node, Ack((), verdict)))
-        if state == "pending":
-            log.info("node %s asks to enroll (kid %s); accept with: fleetflow nodes accept %s", node,
-                     body.key.hex()[:16], node)
+            if outcome.admitted_by == "token":
+                log.info("node %s enrolled with the enroll token (kid %s; use %d of %d)", node, outcome.kid,
+                         outcome.token_uses, config.enroll_token_uses)
+            elif outcome.admitted_by == "auto":
+                log.info("node %s enrolled by auto-accept (kid %s)", node, outcome.kid)
+        elif outcome.verdict == "pending" and outcome.new:
+            log.info("node %s asks to enroll with kid %s; check the kid on the device (fleetflow agent identity), "
+                     "then accept with: fleetflow nodes accept %s --kid %s", node, outcome.kid, node, outcome.kid)
+        replies.append((node, Ack((), outcome.verdict, kid_for(body.key))))
         return []
 
     async def _send(self, commands: list[Command], acks: dict[str, list[int]], replies: list[tuple[str, Any]],
@@ -420,6 +529,10 @@ class Hub:
             except ProtocolError as exc:  # a bug of ours must not stop the hub
                 log.error("not sending an invalid %s to %s: %s", type(body).__name__, node, exc)
                 continue
+            if len(out.payload) > DEFAULT_MAX_SIZE:  # the node would drop it unread; an assignment never gets here
+                log.error("not sending a %s of %d bytes to %s: over the %d-byte message limit", type(body).__name__,
+                          len(out.payload), node, DEFAULT_MAX_SIZE)
+                continue
             sends.append(session.publish(out.topic, out.payload, qos=1))
         if sends:
             results = await asyncio.gather(*sends, return_exceptions=True)
@@ -427,20 +540,12 @@ class Hub:
             if failed:
                 log.warning("%d command(s) not sent: %s", len(failed), failed[0])
 
-    def _marks_event(self, force: bool = False) -> ReplayMarks | None:
-        """The replay windows as an event, every MARKS_EVERY_S seconds when they changed (and at shutdown)."""
-        now = time.monotonic()
-        if not force and now - self._marks_at < MARKS_EVERY_S:
-            return None
-        self._marks_at = now
-        windows = {k: w.to_dict() for k, w in self.receiver.windows.items()}
-        return ReplayMarks(now_ms(), windows) if windows != self.core.windows else None
-
     # -- operator requests (called from the API, in the same event loop) ----------------------------------------
 
     async def request(self, facts: list[Event], result: Any = None) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        await self.inbox.put(_Request(facts, future, result))
+        self.requests.append(_Request(facts, future, result))
+        self.intake.wake()
         return await future
 
     async def submit(self, workflow: Workflow, inputs: dict[str, Any], key: str | None) -> tuple[str, bool]:
@@ -451,11 +556,16 @@ class Hub:
             resolved = workflow.resolve_inputs(inputs)
         except WorkflowError as exc:
             raise OperatorError(str(exc), 422) from None
+        spec = workflow.model_dump(by_alias=True, mode="json")
+        # A step whose assignment can never be sent is refused now rather than retried forever. The check encodes
+        # what the core will send (the workflow as journaled), off the event loop: a large `with` takes a while.
+        problems = await asyncio.to_thread(lambda: workflow_problems(compile_workflow(spec)))
+        if problems:
+            raise OperatorError("; ".join(problems[:10]), 422)
         run_id = f"r-{uuid.uuid4().hex[:12]}"
         at = now_ms()
         deadline = at + int(1000 * (workflow.timeout or DEFAULT_RUN_DEADLINE_S))
-        await self.request([RunSubmitted(at, run_id, workflow.model_dump(by_alias=True, mode="json"), resolved,
-                                         key, deadline)])
+        await self.request([RunSubmitted(at, run_id, spec, resolved, key, deadline)])
         return (self.core.keys.get(key, run_id) if key else run_id), True
 
     async def cancel_run(self, run_id: str, reason: str, force_fail: bool) -> None:
@@ -463,7 +573,9 @@ class Hub:
             raise OperatorError(f"no run {run_id!r}", 404)
         await self.request([RunCancelRequested(now_ms(), run_id, reason, force_fail)])
 
-    async def node_action(self, node_id: str, action: str, on: bool = True) -> dict[str, Any]:
+    async def node_action(self, node_id: str, action: str, on: bool = True, kid: str | None = None) -> dict[str, Any]:
+        """Operator actions. `accept` needs `kid`: the fingerprint of the key the operator reviewed (or that key in
+        hex), so a request whose key changed after the review is not accepted with the new key."""
         at = now_ms()
         try:
             if action == "drain":
@@ -472,13 +584,21 @@ class Hub:
                 await self.request([NodeDrainSet(at, node_id, on)])
                 await self._command(node_id, Drain(on))
                 return {"id": node_id, "draining": on}
-            doc = self.registry.set_state(node_id, {"accept": "accepted", "reject": "rejected",
-                                                    "revoke": "revoked"}[action], at)
+            if action == "accept":
+                if not kid:
+                    raise OperatorError("name the key you reviewed: its kid (fleetflow nodes show ID)", 422)
+                doc = self.registry.accept(node_id, kid, at)
+            else:
+                doc = self.registry.set_state(node_id, {"reject": "rejected", "revoke": "revoked"}[action], at)
+        except NoSuchNode as exc:
+            raise OperatorError(str(exc), 404) from None
         except RegistryError as exc:
-            raise OperatorError(str(exc), 404 if "no node" in str(exc) else 409) from None
+            raise OperatorError(str(exc), 409) from None
         if doc["state"] == "accepted":
-            self.receiver.keyring.add(node_id, bytes.fromhex(doc["key"]))
-            await self._command(node_id, Ack((), "accepted"))
+            key = bytes.fromhex(doc["key"])
+            self.receiver.keyring.add(node_id, key)
+            log.info("node %s accepted by an operator (kid %s)", node_id, doc["kid"])
+            await self._command(node_id, Ack((), "accepted", kid_for(key)))
         else:
             self.receiver.keyring.remove_owner(node_id)  # its messages are refused from now on
             if node_id in self.core.nodes:
@@ -488,7 +608,7 @@ class Hub:
     async def add_node(self, node_id: str, key: bytes) -> dict[str, Any]:
         try:
             doc = self.registry.add(node_id, key, now_ms())
-        except (RegistryError, Exception) as exc:
+        except (RegistryError, ProtocolError) as exc:  # a bad id or key, or the reserved id
             raise OperatorError(str(exc), 422) from None
         self.receiver.keyring.add(node_id, key)
         return doc

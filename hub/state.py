@@ -17,11 +17,12 @@ from .conditions import ConditionError
 from .events import (ActionTaken, AttemptAssigned, AttemptLost, BreakerChanged, Event, HealthChanged,
                      HubLoadChanged, NodeBorn, NodeDied, NodeDrainSet, NodeFailed, NodeRemoved, NodeSeen,
                      NodeSuspected, ReplayMarks, ResultReported, RunCancelRequested, RunSubmitted, RunTimedOut,
-                     StepReported)
+                     StepReported, StepUnrunnable)
 from .health import Policy
+from .runnable import AVOID_UNANSWERING_MS, unanswered
 from .workflow import Compensation, Selector, Step, Workflow, instance_id, workflow_from_data
 
-UNANSWERED_MS = 10_000        # an assignment nobody accepted within this is lost (not counted as a failure)
+UNANSWERED_MS = 10_000        # an assignment nobody accepted within this is lost (counted apart: hub/runnable.py)
 TIMEOUT_GRACE_MS = 5_000      # the agent enforces step timeouts; the hub steps in only after this grace
 REFUSAL_BACKOFF_MS = 1_000
 AVOID_AFTER_REFUSAL_MS = 30_000
@@ -132,6 +133,7 @@ class StepRun:
     attempts: list[str] = field(default_factory=list)
     failures: int = 0
     refusals: int = 0
+    unanswered: int = 0                # assignments its node never answered (hub/runnable.py bounds them)
     ready_at: int = 0
     output: dict[str, Any] | None = None
     error: str | None = None
@@ -234,12 +236,14 @@ class Core:
         self.windows: dict[str, dict[str, Any]] = {}
         self.counters = Counters()
         self.breaker_watch: set[str] = set()           # nodes with recent failures or a breaker not closed
+        self.loaded_at = 0                             # not journaled: when the hub could last hear nodes again
         self._handlers = {
             RunSubmitted: self._run_submitted, RunCancelRequested: self._run_cancel, RunTimedOut: self._run_timed_out,
             NodeBorn: self._node_born, NodeSeen: self._node_seen, NodeDied: self._node_died,
             NodeSuspected: self._node_suspected, NodeFailed: self._node_failed, NodeDrainSet: self._node_drain,
             NodeRemoved: self._node_removed, StepReported: self._step_reported, ResultReported: self._result,
             AttemptAssigned: self._assigned, AttemptLost: self._lost, ReplayMarks: self._replay_marks,
+            StepUnrunnable: self._step_unrunnable,
             HealthChanged: self._health_changed, ActionTaken: self._action, BreakerChanged: self._breaker_changed,
             HubLoadChanged: self._hub_load,
         }
@@ -264,9 +268,11 @@ class Core:
         return node.state == "suspected"
 
     def after_load(self, now: int) -> None:
-        """After a restart nobody has been heard from yet: give every live node a fresh heartbeat window."""
+        """After a restart, or after a spell when the hub could not keep up (liveness was suspended), nobody has
+        been heard from for certain: give every node a fresh heartbeat window."""
         for node in self.nodes.values():
             node.last_seen = max(node.last_seen, now)
+        self.loaded_at = now
 
     # -- runs ----------------------------------------------------------------------------------------------------
 
@@ -395,7 +401,7 @@ class Core:
         for original in done:
             comp: Compensation = original.spec.compensate  # type: ignore[assignment]
             spec = Step.model_construct(
-                id=f"undo-{original.id}", uses=comp.uses, with_=dict(comp.with_), needs=[previous] if previous else [],
+                id=f"undo-{original.id}", uses=comp.uses, with_=comp.with_, needs=[previous] if previous else [],
                 join="all", when=None, placement=original.spec.placement, resources=original.spec.resources,
                 timeout=comp.timeout, retry=original.spec.retry, migratable=True, compensate=None, for_each=None)
             step = StepRun(spec.id, spec, kind="compensation")
@@ -489,15 +495,11 @@ class Core:
             step.avoid[ev.node] = ev.at + (10 * AVOID_AFTER_REFUSAL_MS if hard else AVOID_AFTER_REFUSAL_MS)
             if step.refusals >= MAX_REFUSALS:
                 return self._step_failed(run, step, f"refused {step.refusals} times (last: {ev.reason})", ev.at)
-            _move(STEP_TRANSITIONS, "step", step, "queued")
-            step.ready_at = ev.at + REFUSAL_BACKOFF_MS
-            self.queue[(run.id, step.id)] = None
+            self._enqueue(run, step, ev.at + REFUSAL_BACKOFF_MS)
         elif ev.event == "cancelled":
             # The node gave the attempt up on its own (e.g. it is shutting down): place it again, not a failure.
             self._end_attempt(attempt, "cancelled", ev.at, ev.reason)
-            _move(STEP_TRANSITIONS, "step", step, "queued")
-            step.ready_at = ev.at
-            self.queue[(run.id, step.id)] = None
+            self._enqueue(run, step, ev.at)
         return []
 
     def _result(self, ev: ResultReported) -> list[Command]:
@@ -539,9 +541,15 @@ class Core:
             commands.append(SendCancel(node.id, (attempt.ref(),), ev.reason))
         if ev.counts:
             return commands + self._retry_or_fail(run, step, ev.reason, ev.at)
-        _move(STEP_TRANSITIONS, "step", step, "queued")
-        step.ready_at = ev.at
-        self.queue[(run.id, step.id)] = None
+        ready_at = ev.at
+        if ev.unanswered:
+            # Sent but never answered: the node may be unable to read it. Back off like a retry; the decision
+            # that fails the step at the limit is taken in hub/runnable.py and journaled on its own.
+            step.unanswered += 1
+            ready_at += int(1000 * step.spec.retry.delay(step.unanswered, _unit(run.id, step.id, "unanswered",
+                                                                                  step.unanswered)))
+            step.avoid[attempt.node] = ready_at + AVOID_UNANSWERING_MS  # another node, if one fits, goes next
+        self._enqueue(run, step, ready_at)
         return commands
 
     def _retry_or_fail(self, run: Run, step: StepRun, error: str, at: int) -> list[Command]:
@@ -549,11 +557,17 @@ class Core:
         step.error = error
         retry = step.spec.retry
         if step.failures < retry.max_attempts:
-            _move(STEP_TRANSITIONS, "step", step, "queued")
-            step.ready_at = at + int(1000 * retry.delay(step.failures, _unit(run.id, step.id, step.failures)))
-            self.queue[(run.id, step.id)] = None
+            delay = retry.delay(step.failures, _unit(run.id, step.id, step.failures))
+            self._enqueue(run, step, at + int(1000 * delay))
             return []
         return self._step_failed(run, step, f"step {step.id} failed after {step.failures} attempt(s): {error}", at)
+
+    def _step_unrunnable(self, ev: StepUnrunnable) -> list[Command]:
+        run = self.runs.get(ev.run)
+        step = run.steps.get(ev.step) if run is not None else None
+        if run is None or step is None or step.state != "queued":
+            return []
+        return self._step_failed(run, step, ev.reason, ev.at)
 
     def _step_failed(self, run: Run, step: StepRun, error: str, at: int) -> list[Command]:
         self.queue.pop((run.id, step.id), None)
@@ -745,7 +759,7 @@ class Core:
 
     # -- decisions -----------------------------------------------------------------------------------------------
 
-    def decide(self, now: int, placement_limit: int = 1000, timers: bool = True) -> list[Event]:
+    def decide(self, now: int, placement_limit: int = 1000, timers: bool = True, liveness: bool = True) -> list[Event]:
         """Everything due at `now`: liveness changes, lost attempts, run deadlines, breakers, then placements.
 
         Timers scan every node and live attempt; a caller deciding after every small batch may pass `timers=False`
@@ -754,14 +768,16 @@ class Core:
 
         out: list[Event] = []
         if timers:
-            out.extend(self._timers(now))
+            out.extend(self._timers(now, liveness))
         if not out:
             out.extend(place(self, now, placement_limit))
         return out
 
-    def _timers(self, now: int) -> list[Event]:
+    def _timers(self, now: int, liveness: bool = True) -> list[Event]:
+        """`liveness=False` while the hub itself is behind (its intake shed or lags): silence may then be ours, so
+        no node is suspected or failed and no assignment counts as unanswered until it catches up."""
         out: list[Event] = []
-        for node in self.nodes.values():
+        for node in self.nodes.values() if liveness else ():
             silent = now - node.last_seen
             period = node.hb * 1000
             if node.state == "online" and silent > SUSPECT_AFTER_HEARTBEATS * period:
@@ -769,8 +785,10 @@ class Core:
             elif node.state == "suspected" and silent > FAIL_AFTER_HEARTBEATS * period:
                 out.append(NodeFailed(now, node.id, f"no heartbeat for {silent / 1000:.1f} s"))
         for attempt in (self.attempts[a] for a in sorted(self.live)):
-            if attempt.state == "assigned" and now - attempt.assigned_at > UNANSWERED_MS:
-                out.append(AttemptLost(now, attempt.id, "the node did not answer the assignment", counts=False))
+            # measured from when the hub could hear again: answers sent meanwhile arrive from the nodes' outboxes
+            waited = now - max(attempt.assigned_at, self.loaded_at)
+            if liveness and attempt.state == "assigned" and waited > UNANSWERED_MS:
+                out.extend(unanswered(self, attempt, now))
             elif attempt.state == "running" and attempt.started_at is not None:
                 timeout = self.runs[attempt.run].steps[attempt.step].spec.timeout
                 if now - attempt.started_at > timeout * 1000 + TIMEOUT_GRACE_MS:

@@ -8,16 +8,20 @@ matching a selector).
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from yaml.constructor import SafeConstructor
 
 from protocols import is_valid_id
 
 from .conditions import Condition, ConditionError, parse_condition
+from .limits import (DEFAULT_LIMITS, Limits, Problem, data_problem, event_problem, over, text_problem, tree_problem,
+                     yaml_loader)
 
 SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
 _M = TypeVar("_M", bound=BaseModel)
@@ -211,47 +215,47 @@ def _ancestors(workflow: Workflow, step_id: str) -> set[str]:
 
 
 def find_cycle(workflow: Workflow) -> list[str] | None:
-    needs = {s.id: [n for n in s.needs] for s in workflow.steps}
-    state: dict[str, int] = {}
-    path: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        path.append(node)
-        for nxt in needs.get(node, []):
-            if state.get(nxt) == 1:
+    """The first cycle of needs, spelled out; iterative, as a chain of a thousand steps is a legal workflow."""
+    needs = {s.id: list(s.needs) for s in workflow.steps}
+    state: dict[str, int] = {}  # 1: on the current path, 2: finished
+    for start in needs:
+        if start in state:
+            continue
+        state[start] = 1
+        path, pending = [start], [iter(needs[start])]
+        while pending:
+            nxt = next(pending[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                pending.pop()
+            elif state.get(nxt) == 1:
                 return path[path.index(nxt):] + [nxt]
-            if nxt in needs and state.get(nxt) is None:
-                found = visit(nxt)
-                if found:
-                    return found
-        path.pop()
-        state[node] = 2
-        return None
-
-    for step in needs:
-        if state.get(step) is None:
-            found = visit(step)
-            if found:
-                return found
+            elif nxt in needs and nxt not in state:
+                state[nxt] = 1
+                path.append(nxt)
+                pending.append(iter(needs[nxt]))
     return None
 
 
 def topological_order(workflow: Workflow) -> list[str]:
+    """Every step after the steps it needs (depth-first post-order, iterative)."""
     order: list[str] = []
     done: set[str] = set()
     needs = {s.id: s.needs for s in workflow.steps}
-
-    def visit(node: str) -> None:
-        if node in done:
-            return
-        done.add(node)
-        for n in needs[node]:
-            visit(n)
-        order.append(node)
-
     for step in workflow.steps:
-        visit(step.id)
+        if step.id in done:
+            continue
+        done.add(step.id)
+        stack = [(step.id, iter(needs[step.id]))]
+        while stack:
+            node, pending = stack[-1]
+            nxt = next(pending, None)
+            if nxt is None:
+                order.append(node)
+                stack.pop()
+            elif nxt not in done:
+                done.add(nxt)
+                stack.append((nxt, iter(needs[nxt])))
     return order
 
 
@@ -277,14 +281,30 @@ def _locate(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
-def load_workflow_text(text: str, source: str = "<workflow>") -> Workflow:
-    return load_model_text(Workflow, text, source, "a workflow file must be a YAML mapping (name, version, steps, ...)")
+def load_workflow_text(text: str, source: str = "<workflow>", limits: Limits = DEFAULT_LIMITS) -> Workflow:
+    return load_model_text(Workflow, text, source, "a workflow file must be a YAML mapping (name, version, steps, ...)",
+                           limits)
 
 
-def load_model_text(model: type[_M], text: str, source: str, not_a_mapping: str) -> _M:
+def _refuse(problem: Problem | None) -> None:
+    if problem is not None:
+        raise WorkflowError([problem])
+
+
+def load_model_text(model: type[_M], text: str, source: str, not_a_mapping: str,
+                    limits: Limits = DEFAULT_LIMITS) -> _M:
+    """Parse and validate YAML within `limits` (see limits.py: each stage is bounded before it runs).
+
+    CPU-bound for up to a second on a large document: callers on the hub's event loop run it in a thread.
+    """
+    workflow = issubclass(model, Workflow)
+    _refuse(text_problem(text, source, limits))
     try:
-        tree = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        _refuse(event_problem(text, source, limits, workflow))
+        tree = yaml.compose(text, Loader=yaml_loader())
+        _refuse(tree_problem(tree, source, limits, workflow))
+        # Construct from the tree already composed and measured, rather than parse the text again.
+        data = SafeConstructor().construct_document(tree) if tree is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source
@@ -295,7 +315,14 @@ def load_model_text(model: type[_M], text: str, source: str, not_a_mapping: str)
 
 
 def workflow_from_data(data: Any, source: str = "<workflow>", tree: yaml.Node | None = None) -> Workflow:
+    """Validate an object as a workflow, without limits: for what was bounded before (the journal's own records)."""
     return model_from_data(Workflow, data, source, tree)
+
+
+def workflow_from_object(data: Any, source: str = "<workflow>", limits: Limits = DEFAULT_LIMITS) -> Workflow:
+    """A workflow sent as a JSON object: the same steps, depth and size limits as YAML, then validation."""
+    _refuse(data_problem(data, source, limits, workflow=True))
+    return model_from_data(Workflow, data, source)
 
 
 def model_from_data(model: type[_M], data: Any, source: str, tree: yaml.Node | None = None) -> _M:
@@ -315,12 +342,24 @@ def model_from_data(model: type[_M], data: Any, source: str, tree: yaml.Node | N
         raise WorkflowError([(source, str(exc))]) from None
 
 
-def load_workflow(path: Path) -> Workflow:
+def read_bounded(path: Path, limits: Limits = DEFAULT_LIMITS) -> str:
+    """A workflow file's text, reading no more than the size limit allows."""
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as file:
+            raw = file.read(limits.workflow_bytes + 1)
+            size = os.fstat(file.fileno()).st_size
     except OSError as exc:
         raise WorkflowError([(str(path), f"cannot read: {exc.strerror}")]) from None
-    return load_workflow_text(text, str(path))
+    if len(raw) > limits.workflow_bytes:
+        raise WorkflowError([(str(path), f"{max(size, len(raw))} bytes of YAML, {over(limits, 'workflow_bytes')}")])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise WorkflowError([(str(path), f"not UTF-8 text (byte {exc.start})")]) from None
+
+
+def load_workflow(path: Path, limits: Limits = DEFAULT_LIMITS) -> Workflow:
+    return load_workflow_text(read_bounded(path, limits), str(path), limits)
 
 
 def instance_id(step_id: str, node_id: str) -> str:

@@ -9,11 +9,14 @@ error names the field path, e.g. `field 'running[0].attempt': expected an id`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, NamedTuple
 
+from . import cbor
 from .errors import LocalProtocolError, Malformed
 from .topics import is_valid_id
 
@@ -109,6 +112,17 @@ def _key32(value: Any) -> bytes:
     if len(value) != 32:
         raise _Invalid(f"a public key has 32 bytes, got {len(value)}")
     return value
+
+
+def _fixed_bytes(size: int, what: str) -> Callable[[Any], bytes]:
+    def decode(value: Any) -> bytes:
+        if type(value) is not bytes:
+            raise _bad(f"{what} ({size} bytes)", value)
+        if len(value) != size:
+            raise _Invalid(f"{what} has {size} bytes, got {len(value)}")
+        return value
+
+    return decode
 
 
 def _container_size(value: Any) -> None:
@@ -214,6 +228,8 @@ BOOL: Final = Check(_bool, describe="bool")
 NUMBER: Final = Check(_number, describe="number")
 POSITIVE: Final = Check(_positive, describe="number > 0")
 KEY32: Final = Check(_key32, describe="bstr .size 32")
+MAC32: Final = Check(_fixed_bytes(32, "an HMAC-SHA256 tag"), describe="bstr .size 32")
+KID8: Final = Check(_fixed_bytes(8, "a kid"), describe="bstr .size 8")
 DATA: Final = Check(_data_map, describe="{* tstr => any}")
 LABELS: Final = map_of(TEXT)
 METRICS: Final = map_of(NUMBER)
@@ -320,6 +336,30 @@ class Body:
     COMMAND: ClassVar[bool] = False
 
 
+ENROLL_PROOF_CONTEXT: Final = "fleetflow-enroll-proof-v1"
+
+
+def enroll_proof_input(fleet: str, node_id: str, key: bytes) -> bytes:
+    """The exact bytes an enroll proof authenticates (docs/protocol.md section 7): the CBOR array
+    `["fleetflow-enroll-proof-v1", fleet, node_id, key]`. The context string keeps a proof from meaning anything
+    to another use of the same token, and fleet, id and key are all inside, so a proof sniffed off the wire is
+    good for that one request only: it enrolls no other key and no other id."""
+    if len(key) != 32:
+        raise LocalProtocolError(f"an Ed25519 public key has 32 bytes, got {len(key)}")
+    return cbor.dumps([ENROLL_PROOF_CONTEXT, fleet, node_id, bytes(key)])
+
+
+def enroll_proof(token: str, fleet: str, node_id: str, key: bytes) -> bytes:
+    """HMAC-SHA256 keyed by the enroll token (UTF-8) over `enroll_proof_input`: possession of the token, proven
+    without sending it."""
+    return hmac.new(token.encode(), enroll_proof_input(fleet, node_id, key), hashlib.sha256).digest()
+
+
+def check_enroll_proof(proof: bytes | None, token: str, fleet: str, node_id: str, key: bytes) -> bool:
+    """True if `proof` was made with `token` for exactly this fleet, node id and key (constant-time compare)."""
+    return proof is not None and hmac.compare_digest(proof, enroll_proof(token, fleet, node_id, key))
+
+
 @dataclass(frozen=True, slots=True)
 class Enroll(Body):
     TYPE: ClassVar[str] = "enroll"
@@ -327,7 +367,8 @@ class Enroll(Body):
     key: bytes = wire(KEY32)
     profile: str = wire(TEXT, default="")
     labels: dict[str, str] = wire(LABELS, default={})
-    token: str | None = wire(TEXT, default=None)
+    # Proof of the enroll token (never the token itself: a clear token could be sniffed and reused).
+    proof: bytes | None = wire(MAC32, default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,9 +485,14 @@ class Config(Body):
     COMMAND: ClassVar[bool] = True
     hb: float | None = wire(POSITIVE, default=None)
     tel: float | None = wire(POSITIVE, default=None)
+    # The hub does not hold this node online (it declared it failed, or restarted, or missed its birth) although
+    # the node is alive: publish a birth now, in this session. Recovery without a reconnect.
+    rebirth: bool = wire(BOOL, default=False)
 
 
-ENROLL_VERDICTS: Final = ("accepted", "pending", "rejected")
+# accepted: the key is enrolled; pending: waiting for an operator; rejected: refused or revoked by an operator;
+# taken: the node id is enrolled with another key.
+ENROLL_VERDICTS: Final = ("accepted", "pending", "rejected", "taken")
 
 
 @dataclass(frozen=True, slots=True)
@@ -456,6 +502,9 @@ class Ack(Body):
     COMMAND: ClassVar[bool] = True
     eids: tuple[int, ...] = wire(list_of(UINT), default=())
     enroll: str | None = wire(one_of(*ENROLL_VERDICTS), default=None)
+    # The kid of the key the `enroll` verdict is about: every process using the node id reads the same cmd topic,
+    # so a verdict on one key must not be taken by the holder of another.
+    kid: bytes | None = wire(KID8, default=None)
 
 
 @dataclass(frozen=True, slots=True)

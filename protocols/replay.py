@@ -3,7 +3,8 @@
 A newer boot resets the window. Within a boot, a seq above the highest seen slides the window; a seq inside the
 window is accepted once (one bit per seq); a seq older than the window is refused. The death certificate is signed
 before its session starts, so it carries seq 0: it is accepted once, and only for the sender's current boot.
-The state is a small dict so a hub can journal its high-water marks.
+The state is a small dict of plain values (the bitmap as `size / 8` big-endian bytes, never an integer that would
+need a CBOR bignum tag our own profile refuses), so what a receiver writes it can read back with the same codec.
 """
 
 from __future__ import annotations
@@ -61,10 +62,25 @@ class ReplayWindow:
         self.death_seen = True
 
     def to_dict(self) -> dict[str, Any]:
-        return {"boot": self.boot, "top": self.top, "bitmap": self.bitmap, "death_seen": self.death_seen,
-                "size": self.size}
+        return {"boot": self.boot, "top": self.top, "bitmap": self.bitmap.to_bytes(self.size // 8, "big"),
+                "death_seen": self.death_seen, "size": self.size}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReplayWindow:
-        return cls(int(data["boot"]), int(data["top"]), int(data["bitmap"]), bool(data["death_seen"]),
-                   int(data.get("size", DEFAULT_WINDOW)))
+        """Reads both forms: the bitmap as bytes, and as the integer earlier versions wrote."""
+        bitmap = data["bitmap"]
+        size = int(data.get("size", DEFAULT_WINDOW))
+        if size <= 0 or size % 8:
+            raise ValueError(f"replay window size {size} is not a positive multiple of 8")
+        value = int.from_bytes(bitmap, "big") if isinstance(bitmap, (bytes, bytearray)) else int(bitmap)
+        return cls(int(data["boot"]), int(data["top"]), value & ((1 << size) - 1), bool(data["death_seen"]), size)
+
+    @classmethod
+    def fenced(cls, boot: int, top: int, death_seen: bool = False, size: int = DEFAULT_WINDOW) -> ReplayWindow:
+        """A window that knows only a high-water mark: it refuses every seq at or below `top` of `boot` (as if all
+        were seen) and every older boot. What a receiver restores when the full window was not kept or is lost."""
+        return cls(boot, top, (1 << size) - 1, death_seen, size)
+
+    def mark(self) -> tuple[int, int, bool]:
+        """The high-water mark: (boot, highest seq accepted in it, death certificate seen)."""
+        return self.boot, self.top, self.death_seen

@@ -204,6 +204,20 @@ class Receiver:
             window.accept(header.boot, header.seq)
         return message
 
+    def screen(self, topic: str, data: bytes) -> None:
+        """The cheap checks of section 4 (size, envelope structure, a trusted kid that belongs to the node the topic
+        names), without verifying the signature. A receiver screens before queueing, so traffic that cannot be
+        authentic costs no signature check and no queue space. `receive` still runs every check."""
+        parsed = envelope.parse(data, self.max_size)
+        if topic.endswith("/enroll"):
+            return  # self-signed: nothing to look up before verifying
+        trusted = self.keyring.get(parsed.kid)
+        if trusted is None:
+            raise UnknownKey(f"no trusted key has kid {parsed.kid.hex()}")
+        parts = topic.split("/")
+        if len(parts) != 6 or parts[4] != trusted.owner:
+            raise WrongSender(f"key {parsed.kid.hex()} belongs to {trusted.owner!r}, not to the sender of {topic[:120]}")
+
     def _receive_enroll(self, topic: str, parsed: envelope.Parsed) -> Message:
         """Enroll requests are self-signed: the key inside the payload must be the one that signed it."""
         message = decode_payload(cbor.loads(parsed.payload))

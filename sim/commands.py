@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from hub.commands import TokenFileOpt, TokenOpt
+
 profiles_app = typer.Typer(help="Device classes (firmware profiles).", no_args_is_help=True)
 
 
@@ -43,7 +45,8 @@ def sim(broker: str = typer.Option(..., help="mqtt://HOST:PORT of the fleet's br
         keepalive: int = typer.Option(10, "--keepalive", min=1, help="MQTT keepalive of each device, s"),
         seed: int = typer.Option(7, "--seed"),
         hub: Optional[str] = typer.Option(None, "--hub", help="Hub API URL [FLEETFLOW_HUB]"),
-        token: Optional[str] = typer.Option(None, "--token", help="API token [FLEETFLOW_TOKEN]"),
+        token: Optional[str] = TokenOpt,
+        token_file: Optional[Path] = TokenFileOpt,
         data: Optional[Path] = typer.Option(None, "--data", help="Data directory of a local hub")) -> None:
     """Simulated devices running the real agent against a hub, with faults; ends with the checker (exit 1 on FAIL)."""
     import asyncio
@@ -75,7 +78,7 @@ def sim(broker: str = typer.Option(..., help="mqtt://HOST:PORT of the fleet's br
     except (WorkflowError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
-    api = Client(hub, token, data)
+    api = Client(hub, token_file, data)
     simulation = Simulation(api, broker, fleet, devices, weights, procs, duration, plan, keepalive, seed, Console())
     raise typer.Exit(asyncio.run(simulation.run(report)))
 

@@ -72,6 +72,7 @@ class Broker:
     tls: Tls | None = None
     username: str | None = None
     password: str | None = None
+    extra: tuple[str, ...] = ()  # more mosquitto.conf lines
     proc: subprocess.Popen | None = None
 
     @property
@@ -96,6 +97,7 @@ class Broker:
                 lines.append("allow_anonymous true")
             if self.tls is not None:
                 lines += [f"cafile {self.tls.ca}", f"certfile {self.tls.cert}", f"keyfile {self.tls.key}"]
+            lines += self.extra
             conf.write_text("\n".join(lines) + "\n")
             return [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)]
         if self.kind == "amqtt":

@@ -16,7 +16,8 @@ import nacl.signing
 
 from protocols import cbor, envelope
 from protocols.messages import (Ack, Assign, AttemptRef, Birth, Body, Cancel, Config, Drain, Enroll, Header, Heartbeat,
-                                HubState, StepEvent, StepResult, Telemetry, encode_payload)
+                                HubState, StepEvent, StepResult, Telemetry, encode_payload, enroll_proof,
+                                enroll_proof_input)
 from protocols.replay import ReplayWindow
 from protocols.signing import HUB_ID, Signer
 
@@ -28,6 +29,7 @@ T0 = 1_763_900_000_000
 NODE_KEY = nacl.signing.SigningKey(bytes(range(32)))
 HUB_KEY = nacl.signing.SigningKey(bytes(range(32, 64)))
 OTHER_KEY = nacl.signing.SigningKey(bytes(range(64, 96)))
+ENROLL_TOKEN = "vector-enroll-token-7f3a9c2e5b1d"  # the proof in valid-enroll is made with it (section 7.1)
 
 
 def to_json(value: Any) -> Any:
@@ -64,7 +66,8 @@ def valid_vectors() -> list[dict[str, Any]]:
     hub = Signer(HUB_KEY, FLEET, HUB_ID, boot=11)
     ref = AttemptRef("run-42", "calibrate", "run-42.calibrate.1", 17)
     node_bodies: list[Body] = [
-        Enroll(bytes(NODE_KEY.verify_key), "rpi4", {"site": "north", "line": "2"}, None),
+        Enroll(bytes(NODE_KEY.verify_key), "rpi4", {"site": "north", "line": "2"},
+               enroll_proof(ENROLL_TOKEN, FLEET, NODE, bytes(NODE_KEY.verify_key))),
         Birth("rpi4", "0.1.0", {"site": "north"}, ("noop", "echo", "sleep", "fail"), (ref,), 2, 4, 5.0, 10.0,
               {"cores": 4.0, "memory_mb": 4096.0, "disk_gb": 32.0}),
         Heartbeat(1, 3, 2, 0, {"replayed": 1}, False),
@@ -77,13 +80,16 @@ def valid_vectors() -> list[dict[str, Any]]:
         Cancel((ref,), "moved to another node"),
         Drain(True),
         Config(2.0, 5.0),
-        Ack((8, 9), "accepted"),
+        Ack((8, 9), "accepted", envelope.kid_for(bytes(NODE_KEY.verify_key))),
     ]
     out = []
     for body in node_bodies:
         sent = node.seal(body, T0 + node.seq)
         out.append(vector(f"valid-{body.TYPE}", sent.topic, NODE_KEY, sent.payload, "valid", True,
                           cbor.loads(cbor2.loads(sent.payload).value[2])))
+        if isinstance(body, Enroll):
+            out[-1]["enroll_token"] = ENROLL_TOKEN
+            out[-1]["proof_input_hex"] = enroll_proof_input(FLEET, NODE, body.key).hex()
     death = node.death_certificate(T0, "lost")
     out.append(vector("valid-death", death.topic, NODE_KEY, death.payload, "valid", True,
                       cbor.loads(cbor2.loads(death.payload).value[2])))

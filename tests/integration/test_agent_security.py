@@ -62,10 +62,14 @@ def test_trust_on_first_use_and_replay_after_restart(broker: Broker, tmp_path: P
 
     async def scenario() -> None:
         async with HubDouble(broker, "f-tofu") as hub:
-            agent = AgentProcess(broker, hub.fleet, "n1", data, None, ("--heartbeat", "0.2")).start()
+            careful = AgentProcess(broker, hub.fleet, "n0", tmp_path / "n0" / "data", None).start()
+            assert await careful.wait_exit(30) == 2  # no hub key and no explicit first-use trust: refused at start
+            assert "--trust-first-hub-key" in careful.log() and not hub.of("birth", "n0")
+            agent = AgentProcess(broker, hub.fleet, "n1", data, None,
+                                 ("--heartbeat", "0.2", "--trust-first-hub-key")).start()
             try:
                 await hub.wait_for(lambda: hub.of("birth", "n1"), 20, "birth after pinning the hub key")
-                assert "pinned the hub key" in agent.log()
+                assert "TRUST ON FIRST USE: pinned hub key" in agent.log()
                 captured = await hub.send("n1", Assign("r1", "s1", "a1", 1, "echo", {"k": 1}, 60))
                 await hub.wait_for(lambda: hub.results("n1"), 10, "result")
                 agent.signal(signal.SIGTERM)

@@ -23,11 +23,8 @@ breaker: {failures: 2, window: 60, cooldown: 2, successes: 1}
 def hub(mosquitto: Broker, tmp_path: Path) -> Iterator[HubProcess]:
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
-    process = HubProcess(mosquitto, "adapt", tmp_path / "hub", args=("--auto-accept", "--policy", str(policy))).start()
-    try:
+    with HubProcess(mosquitto, "adapt", tmp_path / "hub", args=("--auto-accept", "--policy", str(policy))) as process:
         yield process
-    finally:
-        process.stop()
 
 
 def start_nodes(hub: HubProcess, names: list[str]) -> dict[str, Path]:

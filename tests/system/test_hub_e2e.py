@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -46,11 +47,8 @@ steps:
 
 @pytest.fixture
 def hub(mosquitto: Broker, tmp_path: Path) -> Iterator[HubProcess]:
-    process = HubProcess(mosquitto, "e2e", tmp_path / "hub").start()
-    try:
+    with HubProcess(mosquitto, "e2e", tmp_path / "hub") as process:
         yield process
-    finally:
-        process.stop()
 
 
 def succeeded_attempts(run: dict) -> dict[str, int]:
@@ -111,8 +109,9 @@ def test_enrollment_accept_and_revoke(mosquitto: Broker, tmp_path: Path) -> None
     try:
         hub.agent("n1")
         hub.wait(lambda: [n for n in hub.get("/nodes") if n["enrollment"] == "pending"], 15, "a pending node")
-        assert hub.get("/nodes/n1")["liveness"] == "unknown"
-        out = cli("nodes", "accept", "n1", "--data", str(hub.data))
+        pending = hub.get("/nodes/n1")
+        assert pending["liveness"] == "unknown"
+        out = cli("nodes", "accept", "n1", "--kid", pending["kid"], "--data", str(hub.data))
         assert out.returncode == 0, out.stderr
         hub.wait_nodes(1)
         assert hub.wait_run(hub.submit(DAG.replace("    placement: {anti_affinity: [a]}\n", "")
@@ -127,9 +126,9 @@ def test_enrollment_accept_and_revoke(mosquitto: Broker, tmp_path: Path) -> None
         hub.stop()
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(Path(sys.executable).parent / "fleetflow"), *args], capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, env={**os.environ, **env} if env else None)
 
 
 def test_cli_against_a_live_hub(hub: HubProcess, tmp_path: Path) -> None:
@@ -147,9 +146,9 @@ def test_cli_against_a_live_hub(hub: HubProcess, tmp_path: Path) -> None:
     assert listed[0]["id"] == "n1" and {"liveness", "health", "labels"} <= set(listed[0])
     assert cli("run", "show", run["id"], "--data", str(hub.data)).returncode == 0
     # errors: wrong token, unreachable hub, bad workflow, unknown run
-    wrong = cli("run", "list", "--hub", hub.url, "--token", "nope")
+    wrong = cli("run", "list", "--hub", hub.url, env={"FLEETFLOW_TOKEN": "nope"})
     assert wrong.returncode == 2 and "bearer token" in wrong.stderr
-    gone = cli("run", "list", "--hub", "http://127.0.0.1:1", "--token", "x")
+    gone = cli("run", "list", "--hub", "http://127.0.0.1:1", env={"FLEETFLOW_TOKEN": "x"})
     assert gone.returncode == 3 and "cannot reach" in gone.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nsteps:\n  - id: a\n    uses: echo\n    needs: [nope]\n")

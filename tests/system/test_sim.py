@@ -4,6 +4,7 @@ a rogue device; the checker must pass."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,8 +51,8 @@ def test_sim_usage_errors(tmp_path: Path) -> None:
              (["--mix", "rpi4"], "name=weight")]
     for extra, says in cases:
         out = subprocess.run([str(exe), "sim", "--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--hub",
-                              "http://127.0.0.1:1", "--token", "t", *extra], capture_output=True, text=True,
-                             timeout=60)
+                              "http://127.0.0.1:1", *extra], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "FLEETFLOW_TOKEN": "t"})
         assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, (extra, out.stderr)
 
 

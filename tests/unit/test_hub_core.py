@@ -178,16 +178,19 @@ def test_stale_death_certificate_is_ignored(d: Driver) -> None:
     assert d.core.nodes["n1"].state == "online"
 
 
-def test_unanswered_assignment_is_placed_again_without_using_a_retry(d: Driver) -> None:
+def test_unanswered_assignment_is_placed_again_after_a_backoff_without_using_a_retry(d: Driver) -> None:
     d.node("n1")
-    d.submit("r1", spec({"id": "a", "uses": "echo", "retry": {"max_attempts": 1}}))
+    d.submit("r1", spec({"id": "a", "uses": "echo", "retry": {"max_attempts": 1, "initial": 2, "jitter": 0}}))
     (first,) = d.tick()
-    again = d.tick(10_100)
-    assigns = [c for c in again if isinstance(c, SendAssign)]
-    assert [c.step for c in assigns] == ["a"] and assigns[0].fence > first.fence
+    lost = d.tick(10_100)
     assert SendCancel("n1", ((first.run, first.step, first.attempt, first.fence),),
-                      "the node did not answer the assignment") in again
-    assert d.core.runs["r1"].steps["a"].failures == 0
+                      "the node did not answer the assignment") in lost
+    assert not [c for c in lost if isinstance(c, SendAssign)]  # backs off by the retry delay (2 s) first
+    step = d.core.runs["r1"].steps["a"]
+    assert (step.state, step.failures, step.unanswered) == ("queued", 0, 1)
+    assert d.tick(1_900) == []
+    (again,) = d.tick(2_200)  # then prefers another node for 2 s; there is none, so n1 again
+    assert isinstance(again, SendAssign) and again.step == "a" and again.fence > first.fence
 
 
 def test_cancel_force_fail_and_deadline(d: Driver) -> None:

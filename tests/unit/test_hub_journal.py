@@ -100,15 +100,16 @@ def test_kill_9_of_a_writer_loses_no_committed_event(tmp_path: Path) -> None:
 
 
 def test_registry_writes_once_per_flush_and_survives_reopen(tmp_path: Path) -> None:
-    from hub.registry import Registry
+    from hub.registry import EnrollPolicy, Registry
 
     registry = Registry(tmp_path / "nodes.json")
+    auto = EnrollPolicy(auto_accept=True)
     for i in range(50):
-        assert registry.request(f"n{i}", bytes([i]) * 32, "rpi4", {}, i, auto_accept=True, token_ok=False) == "accepted"
+        assert registry.request(f"n{i}", bytes([i]) * 32, "rpi4", {}, i, auto).verdict == "accepted"
     assert Registry(tmp_path / "nodes.json").all() == []  # nothing written before the flush
     registry.flush()
     reopened = Registry(tmp_path / "nodes.json")
     assert len(reopened.all()) == 50 and reopened.get("n7")["key"] == (bytes([7]) * 32).hex()  # type: ignore[index]
-    assert reopened.request("n7", b"x" * 32, "rpi4", {}, 99, auto_accept=True, token_ok=False) == "rejected"
+    assert reopened.request("n7", b"x" * 32, "rpi4", {}, 99, auto).verdict == "taken"
     reopened.set_state("n3", "revoked", 100)  # operator actions are written at once
     assert Registry(tmp_path / "nodes.json").get("n3")["state"] == "revoked"  # type: ignore[index]

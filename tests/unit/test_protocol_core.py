@@ -59,13 +59,13 @@ def test_filter_matches_like_mqtt() -> None:
 
 REF = AttemptRef("r1", "s1", "r1.s1.1", 4)
 BODIES = [
-    Enroll(b"k" * 32, "rpi4", {"site": "n"}, "token"), Birth("rpi4", "0.1", {"a": "b"}, ("echo",), (REF,), 1, 2),
+    Enroll(b"k" * 32, "rpi4", {"site": "n"}, b"p" * 32), Birth("rpi4", "0.1", {"a": "b"}, ("echo",), (REF,), 1, 2),
     Heartbeat(1, 2, 3, 4, {"replayed": 1}, True), Telemetry({"cpu": 1.0}, NOW),
     StepEvent("r1", "s1", "r1.s1.1", 4, "progress", 7, None, 0.5), StepResult("r1", "s1", "r1.s1.1", 4, False, 8, {}, "boom"),
     HubState(True, b"h" * 32, "0.1"),
 ]
 COMMANDS = [Assign("r1", "s1", "r1.s1.1", 4, "sleep", {"seconds": 1}, 9.0), Cancel((REF,), "moved"), Drain(False),
-            Config(1.0, None), Ack((1, 2), None)]
+            Config(1.0, None), Ack((1, 2), None), Ack((), "taken", b"i" * 8)]
 
 
 @pytest.mark.parametrize("body", BODIES + COMMANDS, ids=lambda b: b.TYPE)
