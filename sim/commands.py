@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from hub.commands import TokenFileOpt, TokenOpt
+from hub.client import TokenFileOpt, TokenOpt
 
 profiles_app = typer.Typer(help="Device classes (firmware profiles).", no_args_is_help=True)
 
@@ -54,7 +54,7 @@ def sim(broker: str = typer.Option(..., help="mqtt://HOST:PORT of the fleet's br
     from rich.console import Console
 
     from agent.config import ConfigError, _broker, _id
-    from hub.commands import Client
+    from hub.client import Client
     from hub.workflow import WorkflowError
 
     from .faults import load_faults
