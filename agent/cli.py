@@ -1,5 +1,5 @@
 """The `fleetflow` command. The agent package holds the root command because every device has the agent installed;
-hub and simulator commands are added when those packages' extras are installed.
+hub and simulator commands are imported only when used (agent/extras.py), and name their extra where it is missing.
 
 Exit codes: 0 done, 1 the command ran and the answer is "no" (a message failed verification, a check failed),
 2 usage error (bad arguments, unreadable files). Errors are one line on stderr; FLEETFLOW_DEBUG=1 adds tracebacks.
@@ -16,10 +16,31 @@ from typing import Any, NoReturn, Optional
 import typer
 
 from . import __version__
+from .extras import RootGroup, missing_extra, needs_extra_message
 from .keys import KeyFileError, describe, is_readable_file, parse_public_key, write_new_key
 
-app = typer.Typer(help="fleetflow: an edge/IoT agent mesh over MQTT.", no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_enable=False)
+
+def _flags_render_as_flags() -> None:
+    """Typer's rich help prints a value type after every boolean flag (`--json <bool>`, `--help <bool>`), as if it
+    took a value; its plain help already leaves it out (typer 0.29). Leave it out there too: a flag shows no type."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "flags_fixed", False):
+        return
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> Optional[str]:
+        return None if self.is_flag and self.metavar is None else shown(self, ctx)
+
+    display_type_rich.flags_fixed = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_render_as_flags()
+# Completion: `fleetflow --install-completion` (bash, zsh, fish, PowerShell, detected from the running shell) or
+# `fleetflow --show-completion` to see the script; it calls back `fleetflow` with _FLEETFLOW_COMPLETE set.
+app = typer.Typer(help="fleetflow: an edge/IoT agent mesh over MQTT.", no_args_is_help=True, add_completion=True,
+                  pretty_exceptions_enable=False, cls=RootGroup)
 keys_app = typer.Typer(help="Make and show Ed25519 keys.", no_args_is_help=True)
 protocol_app = typer.Typer(help="Look inside wire messages.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
@@ -134,23 +155,16 @@ def protocol_inspect(
         raise typer.Exit(1)
 
 
-def _register_optional_commands() -> None:
-    """Hub and simulator commands exist only where their packages provide a `commands` module."""
-    import importlib
+def _register_agent_commands() -> None:
+    """`fleetflow agent ...`; the hub's and simulator's commands load on first use (RootGroup)."""
+    from .commands import register
 
-    for package in ("agent", "hub", "sim"):
-        try:
-            module = importlib.import_module(f"{package}.commands")
-        except ModuleNotFoundError as exc:
-            if exc.name not in (f"{package}.commands",):
-                raise
-            continue
-        module.register(app)
+    register(app)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     try:
-        _register_optional_commands()
+        _register_agent_commands()
         app(args=argv, prog_name="fleetflow", standalone_mode=True)
     except SystemExit:
         raise
@@ -159,5 +173,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     except Exception as exc:  # a bug must still read as one line; the traceback is there on request
         if os.environ.get("FLEETFLOW_DEBUG"):
             raise
+        extra = missing_extra(exc) if isinstance(exc, ModuleNotFoundError) else None
+        if extra is not None:  # a command imports its extra's libraries only when it runs
+            words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+            typer.echo(f"error: {needs_extra_message(words[0] if words else 'fleetflow', extra)}", err=True)
+            sys.exit(2)
         typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
         sys.exit(1)

@@ -1,5 +1,6 @@
 """Agent settings from three sources, flags over environment (`FLEETFLOW_*`) over a TOML file. Every error names the
-setting and where its value came from.
+setting and where its value came from (a file's line too). The layering (`layer_settings`) and the value parsers are
+shared: the hub's settings (hub/config.py) are read by the same code with their own `SettingsSpec`.
 
 A TOML file uses the same names as the flags (with underscores), plus tables for labels and executors:
 
@@ -21,7 +22,9 @@ A TOML file uses the same names as the flags (with underscores), plus tables for
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -95,14 +98,27 @@ def _positive_float(value: Any, where: str) -> float:
     return number
 
 
-def _positive_int(value: Any, where: str) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-    if isinstance(value, bool) or number <= 0:
-        raise ConfigError(f"{where}: must be a positive integer, got {value!r}")
-    return number
+def int_between(low: int, high: int | None = None) -> Callable[[Any, str], int]:
+    """A parser of integers in [low, high] (no upper bound if high is None)."""
+
+    def parse(value: Any, where: str) -> int:
+        # int() would turn 1.5 into 1 and True into 1: neither is what the operator wrote.
+        if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if number < low or high is not None and number > high:
+            wanted = ("a positive integer" if low == 1 and high is None else f"an integer of at least {low}"
+                      if high is None else f"an integer from {low} to {high}")
+            raise ConfigError(f"{where}: must be {wanted}, got {value!r}")
+        return number
+
+    return parse
+
+
+_positive_int = int_between(1)
 
 
 def _bool(value: Any, where: str) -> bool:
@@ -180,7 +196,9 @@ def _secret_file(value: Any, where: str) -> str:
     return read_secret_file(_text(value, where), where)
 
 
-PARSERS: dict[str, Callable[[Any, str], Any]] = {
+Parser = Callable[[Any, str], Any]
+
+PARSERS: dict[str, Parser] = {
     "broker": _broker, "fleet": _id, "node_id": _id, "data": _path, "profile": _id, "labels": _labels,
     "hub_key": _hub_key, "trust_first_hub_key": _bool, "username": _text, "password": _text, "ca_file": _text, "cert_file": _text,
     "key_file": _text, "keepalive": _positive_int, "heartbeat": _positive_float, "telemetry": _positive_float,
@@ -190,66 +208,116 @@ PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "shell_allow": _strings, "python": _bool, "python_allow": _strings,
 }
 REQUIRED = ("broker", "fleet", "node_id", "data")
-# Never from a flag: a command line is visible to every user of the machine (ps).
-SECRET = ("password", "enroll_token")
-# Where a secret may come from instead (the message of a refused flag names them).
+# Never from a flag: a command line is visible to every user of the machine (ps). Each secret names where it may
+# come from instead (the message of a refused flag says so).
 SECRET_SOURCES = {"password": "FLEETFLOW_PASSWORD or the config file",
                   "enroll_token": "FLEETFLOW_ENROLL_TOKEN or --enroll-token-file (a file only you can read)"}
 # Settings that are read from a file into another setting.
 FROM_FILE = {"enroll_token_file": "enroll_token"}
 
 
-def _from_file(path: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SettingsSpec:
+    """What one command reads from flags, `FLEETFLOW_*` variables and a TOML file: the agent's and the hub's
+    settings are layered by the same code (`layer_settings`), each with its own spec."""
+
+    parsers: Mapping[str, Parser]
+    required: tuple[str, ...] = ()
+    secret_sources: Mapping[str, str] = field(default_factory=dict)
+    from_file: Mapping[str, str] = field(default_factory=dict)
+    # TOML tables whose keys are settings named `{table}_{key}` (`enabled` is the setting `{table}` itself).
+    tables: tuple[str, ...] = ()
+
+
+AGENT_SETTINGS = SettingsSpec(PARSERS, REQUIRED, SECRET_SOURCES, FROM_FILE, tables=("shell", "python"))
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """The line of each `key =` (as `table.key` inside a table), so an error can point into the file; tomllib
+    reports lines only for syntax errors."""
+    lines: dict[str, int] = {}
+    table = ""
+    for number, line in enumerate(text.splitlines(), 1):
+        header = re.match(r"\s*\[\s*([A-Za-z0-9_-]+)\s*\]", line)
+        # A key starts its line; a continuation line of a multi-line array or string does not look like one.
+        key = re.match(r"""\s*(["']?)([A-Za-z0-9_-]+)\1\s*=""", line)
+        if header:
+            table = header.group(1)
+        elif key:
+            lines.setdefault(f"{table}.{key.group(2)}" if table else key.group(2), number)
+    return lines
+
+
+def _from_file(spec: SettingsSpec, path: Path) -> dict[str, tuple[Any, str]]:
+    """Each setting of the file with where it is (`config file PATH:LINE`)."""
     try:
-        raw = tomllib.loads(path.read_text())
+        text = path.read_text()
+        raw = tomllib.loads(text)
     except OSError as exc:
         raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
-    out: dict[str, Any] = {}
+    lines = _key_lines(text)
+
+    def at(key: str) -> str:
+        return f"config file {path}:{lines[key]}" if key in lines else f"config file {path}"
+
+    out: dict[str, tuple[Any, str]] = {}
     for key, value in raw.items():
-        if key in ("shell", "python") and isinstance(value, dict):
+        if key in spec.tables and isinstance(value, dict):
             for sub, subvalue in value.items():
                 name = key if sub == "enabled" else f"{key}_{sub}"
-                if name not in PARSERS:
-                    raise ConfigError(f"config file {path}: unknown setting [{key}] {sub}")
-                out[name] = subvalue
-        elif key in PARSERS:
-            out[key] = value
+                if name not in spec.parsers:
+                    raise ConfigError(f"{at(f'{key}.{sub}')}: unknown setting [{key}] {sub}")
+                out[name] = subvalue, at(f"{key}.{sub}")
+        elif key in spec.parsers:
+            out[key] = value, at(key)
         else:
-            raise ConfigError(f"config file {path}: unknown setting {key!r}")
+            close = difflib.get_close_matches(key, spec.parsers, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(spec.parsers))}"
+            raise ConfigError(f"{at(key)}: unknown setting {key!r} ({hint})")
     return out
 
 
-def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
-    return {name: env[f"FLEETFLOW_{name.upper()}"] for name in PARSERS if f"FLEETFLOW_{name.upper()}" in env}
+def _from_env(spec: SettingsSpec, env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    return {name: (env[f"FLEETFLOW_{name.upper()}"], "environment") for name in spec.parsers
+            if f"FLEETFLOW_{name.upper()}" in env}
+
+
+def layer_settings(spec: SettingsSpec, flags: Mapping[str, Any], config_file: Path | None = None,
+                   env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Merge the sources (flags > environment > file), parse every value, and check what is required. A flag left
+    unset is None (or empty), so the layers below show through."""
+    env = os.environ if env is None else env
+    if config_file is None and env.get("FLEETFLOW_CONFIG"):
+        config_file = Path(env["FLEETFLOW_CONFIG"])
+    layers = [_from_file(spec, config_file) if config_file else {}, _from_env(spec, env),
+              {k: (v, "flag") for k, v in flags.items() if v is not None and v != () and v != []}]
+    values: dict[str, Any] = {}
+    for layer in layers:
+        for name, (value, source) in layer.items():
+            if name in spec.secret_sources and source == "flag":
+                raise ConfigError(f"--{name.replace('_', '-')} is not accepted on the command line (other users "
+                                  f"see it in ps); use {spec.secret_sources[name]}")
+            where = f"{name} (from {source})" if source != "flag" else f"--{name.replace('_', '-')}"
+            if name in spec.from_file:
+                if spec.from_file[name] in layer:
+                    raise ConfigError(f"{where}: give {spec.from_file[name]} or {name}, not both")
+                values[spec.from_file[name]] = spec.parsers[name](value, where)
+                continue
+            values[name] = spec.parsers[name](value, where)
+    missing = [name for name in spec.required if name not in values]
+    if missing:
+        raise ConfigError("missing setting(s): " + ", ".join(
+            f"--{m.replace('_', '-')} (or FLEETFLOW_{m.upper()}, or {m} in the config file)" for m in missing))
+    return values
 
 
 def load_config(flags: Mapping[str, Any], config_file: Path | None = None,
                 env: Mapping[str, str] | None = None) -> AgentConfig:
-    """Merge the sources (flags > environment > file), parse every value, and check what is required."""
-    env = os.environ if env is None else env
-    if config_file is None and env.get("FLEETFLOW_CONFIG"):
-        config_file = Path(env["FLEETFLOW_CONFIG"])
-    layers = [(f"config file {config_file}", _from_file(config_file) if config_file else {}),
-              ("environment", _from_env(env)),
-              ("flag", {k: v for k, v in flags.items() if v is not None and v != () and v != []})]
-    values: dict[str, Any] = {}
-    for source, layer in layers:
-        for name, value in layer.items():
-            if name in SECRET and source == "flag":
-                raise ConfigError(f"--{name.replace('_', '-')} is not accepted on the command line (other users "
-                                  f"see it in ps); use {SECRET_SOURCES[name]}")
-            where = f"{name} (from {source})" if source != "flag" else f"--{name.replace('_', '-')}"
-            if name in FROM_FILE:
-                if FROM_FILE[name] in layer:
-                    raise ConfigError(f"{where}: give {FROM_FILE[name]} or {name}, not both")
-                values[FROM_FILE[name]] = PARSERS[name](value, where)
-                continue
-            values[name] = PARSERS[name](value, where)
-    missing = [name for name in REQUIRED if name not in values]
-    if missing:
-        raise ConfigError("missing setting(s): " + ", ".join(
-            f"--{m.replace('_', '-')} (or FLEETFLOW_{m.upper()})" for m in missing))
+    """The agent's settings from flags > environment > file."""
+    values = layer_settings(AGENT_SETTINGS, flags, config_file, env)
     known = {f.name for f in fields(AgentConfig)}
     return AgentConfig(**{k: v for k, v in values.items() if k in known})

@@ -59,10 +59,20 @@ def exec_daemon(config: AgentConfig, log_level: str) -> None:
 
 
 def run_agent(settings: AgentConfig) -> int:
+    """Exit codes: 0 stopped by a signal; 2 a setting or file is wrong (config, key, identity, profile); 1 the
+    start failed otherwise (data directory in use or not writable, broker unreachable at the first connection)."""
     from .identity import IdentityError
     from .keys import KeyFileError
     from .node import Agent
     from .profiles import ProfileError
+    from .startup import DataLock, StartupError
+
+    try:
+        # First of all: a second agent on this directory must be refused before it changes anything in it.
+        lock = DataLock.acquire(settings.data)
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
     async def main() -> int:
         try:
@@ -70,13 +80,25 @@ def run_agent(settings: AgentConfig) -> int:
         except (IdentityError, KeyFileError, ProfileError, ConfigError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except OSError as exc:  # a file in the directory that cannot be written (the directory itself was checked)
+            reason = (exc.strerror or str(exc)).lower()
+            print(f"error: data directory {settings.data} (--data) is not usable: {reason}"
+                  + (f" ({exc.filename})" if exc.filename else ""), file=sys.stderr)
+            return 1
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, agent.stop)
-        await agent.run()
+        try:
+            await agent.run(first_connection_required=True)
+        except StartupError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         return 0
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    finally:
+        lock.release()
 
 
 def main() -> None:

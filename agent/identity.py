@@ -1,6 +1,11 @@
 """The agent's identity in its data directory: its key (0600), and a small TinyDB document with the node id, fleet,
-boot counter, enrollment state and the pinned hub key. Writes are fsync'd: a boot number
+boot counter, enrollment state and the hub keys it trusts. Writes are fsync'd: a boot number
 must never be reused after a power cut.
+
+Hub keys: the pinned one (configured with --hub-key, or first seen with --trust-first-hub-key), the next one the hub
+announced during a key rotation (docs/protocol.md 7.2), and the keys the hub rotated away from. Those retired keys
+are not trusted; they only let a node whose configuration still names one recognise it as an ancestor of the key it
+follows now, so it keeps working after a restart without being reconfigured.
 """
 
 from __future__ import annotations
@@ -77,7 +82,7 @@ class Identity:
         data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(data_dir, 0o700)
         db = TinyDB(str(doc_path), storage=DurableJSONStorage)
-        doc = db.table("identity").get(doc_id=1) or {}
+        doc: Any = db.table("identity").get(doc_id=1) or {}
         if doc:
             for name, given in (("node_id", node_id), ("fleet", fleet)):
                 if given is not None and doc[name] != given:
@@ -129,7 +134,29 @@ class Identity:
         return bytes.fromhex(value) if value else None
 
     def pin_hub_key(self, key: bytes) -> None:
-        self._update(hub_key=key.hex())
+        """Trust this hub key (configured, or first seen); a rotation followed before is forgotten."""
+        self._update(hub_key=key.hex(), hub_next_key=None, hub_retired_keys=[])
+
+    @property
+    def hub_next_key(self) -> bytes | None:
+        value = self._doc().get("hub_next_key")
+        return bytes.fromhex(value) if value else None
+
+    @property
+    def hub_retired_keys(self) -> list[bytes]:
+        return [bytes.fromhex(k) for k in self._doc().get("hub_retired_keys", [])]
+
+    def announce_hub_key(self, key: bytes) -> None:
+        """The hub announced its next key, in a hub state signed by the pinned key: trust it too."""
+        self._update(hub_next_key=key.hex())
+
+    def switch_hub_key(self, key: bytes) -> None:
+        """The hub signs with its announced next key now: that key is pinned, the previous one retired."""
+        retired = [k.hex() for k in self.hub_retired_keys]
+        pinned = self.hub_key
+        if pinned is not None and pinned != key and pinned.hex() not in retired:
+            retired.append(pinned.hex())
+        self._update(hub_key=key.hex(), hub_next_key=None, hub_retired_keys=retired[-16:])  # bounded
 
     def intervals(self) -> tuple[float | None, float | None]:
         doc = self._doc()
@@ -139,9 +166,12 @@ class Identity:
         self._update(hb=hb, tel=tel)
 
     def describe(self) -> dict[str, Any]:
-        return {"node_id": self.node_id, "fleet": self.fleet, "kid": self.kid.hex(), "public_key": self.public_key.hex(),
-                "boot": self.boot, "enrolled": self.enrolled,
+        info = {"node_id": self.node_id, "fleet": self.fleet, "kid": self.kid.hex(),
+                "public_key": self.public_key.hex(), "boot": self.boot, "enrolled": self.enrolled,
                 "hub_key": self.hub_key.hex() if self.hub_key else None}
+        if self.hub_next_key is not None:
+            info["hub_next_key"] = self.hub_next_key.hex()  # a hub key rotation under way
+        return info
 
     def close(self) -> None:
         self._db.close()

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from protocols import (HUB_ID, Ack, Assign, Birth, Cancel, Config, Drain, Enroll, Heartbeat, HubState, Keyring,
-                       ProtocolError, Receiver, ReplayWindow, Signer, Telemetry, Topic, body_from_map, open_envelope)
+                       ProtocolError, Receiver, ReplayWindow, Signer, Telemetry, Topic, body_from_map, kid_for)
 from protocols.messages import enroll_proof
 
 from . import __version__
@@ -28,6 +28,7 @@ from .identity import Identity
 from .outbox import Outbox
 from .profiles import Profile, load_profile
 from .runner import Runner
+from .startup import broker_unreachable
 from .telemetry import OverlaySource, PsutilSource, TelemetrySource, now_ms
 from .transport import MqttTransport, Session, Transport, TransportError, Will, session_client_id
 
@@ -97,7 +98,8 @@ class Agent:
         self.runner = Runner(self.outbox, executors, disabled, slots, clock_ms, self._wake_flusher, config.max_step_bytes, speed)
         self.signer = Signer(self.identity.key, config.fleet, config.node_id, boot=self.identity.boot)
         self.hub_key = self._choose_hub_key()
-        keyring = Keyring([(HUB_ID, self.hub_key)] if self.hub_key else [])
+        # The pinned hub key, and during a hub key rotation the next key the hub announced (protocol section 7.2).
+        keyring = Keyring([(HUB_ID, k) for k in (self.hub_key, self.identity.hub_next_key) if k])
         window = self._restore_hub_window()
         self.receiver = Receiver(config.fleet, keyring, node_id=config.node_id,
                                  windows={HUB_ID: window} if window else {})
@@ -129,13 +131,25 @@ class Agent:
     def _choose_hub_key(self) -> bytes | None:
         given, pinned = self.config.hub_key, self.identity.hub_key
         if given and pinned and given != pinned:
-            log.warning("the configured hub key differs from the one pinned earlier; using the configured key")
+            if given in self.identity.hub_retired_keys:
+                # The hub rotated away from the configured key, announcing the pinned one with it: keep following.
+                log.info("the configured hub key (kid %s) was rotated: the hub announced kid %s with it and signs with "
+                         "that now; following it (configure --hub-key %s to match)", kid_for(given).hex(),
+                         kid_for(pinned).hex(), pinned.hex())
+                return pinned
+            if given == self.identity.hub_next_key:  # configured ahead of the switch: what the hub announced
+                self.identity.switch_hub_key(given)
+                return given
+            log.warning("the configured hub key differs from the one pinned earlier (and from every key the hub "
+                        "rotated through); using the configured key")
         if given:
-            self.identity.pin_hub_key(given)
+            if given != pinned:
+                self.identity.pin_hub_key(given)
             return given
         if pinned is None and not self.config.trust_first_hub_key:
-            raise ConfigError("no hub key: give --hub-key HEX_OR_FILE (`fleetflow hub identity --data HUB_DIR` "
-                              "prints it), or --trust-first-hub-key to pin the first hub seen (insecure)")
+            raise ConfigError("no hub key: give --hub-key with the hub's public key, in hex or a file (on the hub "
+                              "machine, `hub identity` with the hub's --data directory prints it), or "
+                              "--trust-first-hub-key to pin the first hub seen (insecure)")
         return pinned
 
     def _restore_hub_window(self) -> ReplayWindow | None:
@@ -177,28 +191,38 @@ class Agent:
 
     # -- the outer loop --------------------------------------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self, first_connection_required: bool = False) -> None:
+        """Connect and serve until `stop()`. With `first_connection_required` (the agent process), a first
+        connection that fails raises `StartupError` instead of being retried: at start a wrong URL or password is
+        likelier than an outage, and the service manager restarts a process that exits. Later losses are retried."""
         recovered = self.runner.recover()
         if recovered:
             log.warning("reported %d attempt(s) interrupted by the last stop as failed", len(recovered))
         telemetry = asyncio.create_task(self._telemetry_loop(), name="telemetry")
         backoff = Backoff()
+        connected = False
         try:
             while not self.stopping:
                 boot = self.identity.next_boot()
                 self.signer.new_boot(boot)
                 will = self.signer.death_certificate(self.clock_ms(), "lost")
+                failure: TransportError | None = None
                 try:
                     async with self.transport.connect(session_client_id(self.config.node_id),
                                                       Will(will.topic, will.payload, qos=1)) as session:
+                        connected = True
                         backoff.reset()
                         await self._session(session)
                 except* TransportError as group:
-                    log.warning("broker connection: %s", group.exceptions[0])
+                    failure = group.exceptions[0]  # type: ignore[assignment]
                 except* _Stopped:
                     pass
                 finally:
                     self.session = None
+                if failure is not None:
+                    if first_connection_required and not connected and not self.stopping:
+                        raise broker_unreachable(self.config.broker, failure)
+                    log.warning("broker connection: %s", failure)
                 if self.stopping:
                     break
                 delay = backoff.next()
@@ -308,19 +332,22 @@ class Agent:
             if self.hub_key is None:  # only with --trust-first-hub-key: without it the agent does not start
                 key = self.receiver.hub_key_from_state(topic, payload)
                 log.warning("TRUST ON FIRST USE: pinned hub key %s from the first hub state seen on the broker; "
-                            "whoever published it now commands this node. Check it against `fleetflow hub identity` "
-                            "and configure --hub-key", key.hex())
+                            "whoever published it now commands this node. Check it against the public key that "
+                            "`hub identity` prints on the hub machine, and configure --hub-key", key.hex())
                 self.identity.pin_hub_key(key)
                 self.hub_key = key
                 self.receiver.keyring.add(HUB_ID, key)
                 self._hub_key_known.set()
-            message = open_envelope(payload, topic, self.hub_key, self.receiver.max_size)
+            message, signed_by = self.receiver.open_hub_state(topic, payload)
         except ProtocolError as exc:
             self.rejected[exc.reason] += 1
-            self._refusals.warning(("hub_state", exc.reason), f"refused a hub state message: {exc.reason}: {exc}")
+            hint = (" (if the hub rotated its key while this node was away, configure --hub-key with the key that "
+                    "`hub identity` prints on the hub machine)" if exc.reason == "unknown-key" else "")
+            self._refusals.warning(("hub_state", exc.reason), f"refused a hub state message: {exc.reason}: {exc}{hint}")
             return
         if not isinstance(message.body, HubState):
             return
+        self._follow_hub_keys(signed_by, message.body)
         self._hub_state_now.set()
         log.info("hub is %s", "online" if message.body.online else "offline")
         stamp = (message.header.boot, message.header.seq)
@@ -331,11 +358,33 @@ class Agent:
             if self._birth_for is None or stamp > self._birth_for:
                 self._rebirth(f"the hub came online (boot {stamp[0]})")
 
+    def _follow_hub_keys(self, signed_by: bytes, state: HubState) -> None:
+        """A hub key rotation (protocol section 7.2), from a verified hub state: a state signed by the announced next
+        key means the hub switched (the old key is retired, no longer trusted); a next key announced by a key this
+        node trusts is trusted too. Both are persisted, so a restart with the old --hub-key keeps following."""
+        current = self.hub_key
+        if current is not None and signed_by != current:
+            self.identity.switch_hub_key(signed_by)
+            self.receiver.keyring.remove(kid_for(current))
+            self.hub_key = signed_by
+            log.info("the hub switched to its next key kid %s; kid %s is retired and no longer trusted",
+                     kid_for(signed_by).hex(), kid_for(current).hex())
+        announced = state.next_key
+        if announced is None or announced == self.hub_key or announced == self.identity.hub_next_key:
+            return
+        superseded = self.identity.hub_next_key  # only the newest announcement of the current key counts
+        if superseded is not None:
+            self.receiver.keyring.remove(kid_for(superseded))
+        self.identity.announce_hub_key(announced)
+        self.receiver.keyring.add(HUB_ID, announced)
+        log.info("the hub announced its next key kid %s (signed by kid %s, which this node trusts): trusting it too",
+                 kid_for(announced).hex(), kid_for(signed_by).hex())
+
     def _on_command(self, body: Any) -> None:
         if isinstance(body, Assign):
             reason = self.runner.assign(body)
             if reason:
-                log.info("refused attempt %s: %s", body.attempt, reason)
+                log.info("refused step %s of run %s (attempt %s): %s", body.step, body.run, body.attempt, reason)
         elif isinstance(body, Ack):
             if body.eids:
                 self.outbox.remove(body.eids)
@@ -367,12 +416,14 @@ class Agent:
                 self.identity.set_enrolled(True)
                 self._enrolled.set()
         elif verdict == "pending" and not self._enrolled.is_set():
-            log.info("waiting for an operator to accept this node: fleetflow nodes accept %s --kid %s", node,
+            # No command to paste here: only the hub knows how its CLI reaches it; its log prints the whole command.
+            log.info("waiting for an operator to accept node %s with kid %s (the hub's log prints the command)", node,
                      mine.hex())
         elif verdict == "taken":
             log.error("the hub refused this node's enrollment: node id %s is taken, it is enrolled with another key "
-                      "(this node's kid is %s); use another --node-id, or have an operator revoke the old node and add "
-                      "this key (fleetflow nodes add); it keeps asking", node, mine.hex())
+                      "(this node's kid is %s); use another --node-id, or have an operator re-key the node on the hub "
+                      "(revoke it, then add this node's public key %s); it keeps asking", node, mine.hex(),
+                      self.identity.public_key.hex())
         elif verdict == "rejected":
             log.error("the hub rejected this node's enrollment (an operator rejected or revoked node %s, kid %s); "
                       "it keeps asking", node, mine.hex())

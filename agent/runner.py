@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +112,8 @@ class Runner:
         # A task cancelled before its first step never runs its body, so the outcome is reported here.
         self.running.pop(entry.ref.attempt, None)
         if not entry.reported:
+            log.info("step %s of run %s cancelled (attempt %s): %s", entry.ref.step, entry.ref.run, entry.ref.attempt,
+                     entry.cancel_reason or "cancelled")
             entry.reported = True
             self._event(entry.ref, "cancelled", entry.cancel_reason or "cancelled", finish=True)
             self._remember_done(entry.ref.attempt)
@@ -157,6 +160,9 @@ class Runner:
         ctx = StepContext(ref.run, ref.step, ref.attempt, ref.fence, cmd.timeout,
                           on_process_group=lambda pgid: self.outbox.set_pgid(ref.attempt, pgid), speed=self.speed)
         self._event(ref, "started")
+        log.info("step %s of run %s started (attempt %s, fence %d, executor %s)", ref.step, ref.run, ref.attempt,
+                 ref.fence, cmd.uses)
+        began = time.monotonic()
         try:
             output = await asyncio.wait_for(self.executors[cmd.uses](dict(cmd.with_), ctx), cmd.timeout)
         except asyncio.TimeoutError:
@@ -170,6 +176,12 @@ class Runner:
             outcome = (False, {}, f"executor error: {type(exc).__name__}: {exc}")
         else:
             outcome = (True, output if isinstance(output, dict) else {"value": output}, None)
+        took = time.monotonic() - began
+        if outcome[0]:
+            log.info("step %s of run %s succeeded in %.1f s (attempt %s)", ref.step, ref.run, took, ref.attempt)
+        else:
+            log.warning("step %s of run %s failed in %.1f s (attempt %s): %s", ref.step, ref.run, took, ref.attempt,
+                        (outcome[2] or "")[:200])
         entry.reported = True
         self._result(ref, *outcome)
 

@@ -13,13 +13,17 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from agent.telemetry import now_ms
+
 from . import __version__
+from .explain import waiting_reasons
 from .limits import Limits, data_problem, over
+from .registry import matches, parse_selector
 from .service import OperatorError
 from .state import Core, Run
 from .workflow import Workflow, WorkflowError, load_workflow_text, workflow_from_object
@@ -62,14 +66,16 @@ def archived_summary(core: Core, run_id: str) -> dict[str, Any]:
             "finished_at": finished, "error": error, "archived": True, "steps": []}
 
 
-def run_detail(core: Core, run: Run) -> dict[str, Any]:
+def run_detail(core: Core, run: Run, now: int) -> dict[str, Any]:
+    """A run with its steps and attempts; `waiting` says why a queued step is not placed (hub/explain.py)."""
+    waiting = waiting_reasons(core, run, now)
     steps = []
     for step in run.steps.values():
         attempts = [{"id": a.id, "node": a.node, "fence": a.fence, "state": a.state, "reason": a.reason,
                      "assigned_at": a.assigned_at, "started_at": a.started_at, "ended_at": a.ended_at}
                     for a in (core.attempts[i] for i in step.attempts)]
         steps.append({"id": step.id, "kind": step.kind, "state": step.state, "attempts": attempts,
-                      "output": step.output, "error": step.error})
+                      "output": step.output, "error": step.error, "waiting": waiting.get(step.id)})
     return {**run_summary(run), "inputs": run.inputs, "deadline": run.deadline, "steps": steps}
 
 
@@ -87,6 +93,8 @@ def node_view(hub: Hub, node_id: str) -> dict[str, Any]:
                    caps=sorted(node.caps), resources=node.resources, last_seen=node.last_seen,
                    changed_at=node.changed_at, throttled=node.throttled, breaker=node.breaker,
                    history=list(node.history))
+    # Two devices use this identity (hub/clones.py): {reason, since, last, boots}, else null.
+    out["conflict"] = dict(node.conflict) if node is not None and node.conflict is not None else None
     if view is not None:
         out["telemetry"] = view.telemetry
         if view.heartbeat is not None:
@@ -206,7 +214,7 @@ def create_app(hub: Hub) -> FastAPI:
             if run_id in hub.core.archived:
                 return archived_summary(hub.core, run_id)
             raise HTTPException(404, f"no run {run_id!r}")
-        return run_detail(hub.core, run)
+        return run_detail(hub.core, run, now_ms())
 
     @app.post("/runs/{run_id}/cancel", dependencies=guarded)
     async def cancel(run_id: str, body: Reason | None = None) -> dict[str, Any]:
@@ -219,9 +227,15 @@ def create_app(hub: Hub) -> FastAPI:
         return await show_run(run_id)
 
     @app.get("/nodes", dependencies=guarded)
-    async def list_nodes() -> list[dict[str, Any]]:
+    async def list_nodes(label: list[str] = Query(default=[], description="KEY=VALUE; repeatable, all must match")
+                         ) -> list[dict[str, Any]]:
+        try:
+            selector = parse_selector(label)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
         ids = sorted(set(hub.core.nodes) | {d["id"] for d in hub.registry.all()})
-        return [node_view(hub, i) for i in ids]
+        views = (node_view(hub, i) for i in ids)
+        return [v for v in views if matches(v["labels"], selector)]
 
     @app.get("/nodes/{node_id}", dependencies=guarded)
     async def show_node(node_id: str) -> dict[str, Any]:
@@ -236,6 +250,16 @@ def create_app(hub: Hub) -> FastAPI:
         except ValueError:
             raise HTTPException(422, "public_key must be 64 hex characters") from None
         return await hub.add_node(body.id, key)
+
+    @app.post("/nodes/accept-all", dependencies=guarded)
+    async def accept_all() -> list[dict[str, Any]]:
+        """Every pending node, each with the key it asks with now; rejected and revoked nodes are not pending."""
+        return await hub.admin.accept_all()
+
+    @app.delete("/nodes/{node_id}", dependencies=guarded)
+    async def delete_node(node_id: str, force: bool = False) -> dict[str, Any]:
+        # 409 while it is online or suspected, unless forced (hub/node_admin.py)
+        return await hub.admin.delete(node_id, force)
 
     @app.post("/nodes/{node_id}/accept", dependencies=guarded, name="accept_node")
     async def accept(node_id: str, body: AcceptNode) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Hub commands: `fleetflow hub run|identity`, `schema workflow|policy`, `validate`; `register` adds them, with the
+"""Hub commands: `fleetflow hub run|identity|rotate-key|rotate-token`, `schema workflow|policy`, `validate`; `register` adds them, with the
 client commands of hub/run_commands.py and hub/node_commands.py, to the root command."""
 
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -15,91 +14,111 @@ from typing import Any, Optional
 import typer
 
 from .client import _meta, fail, refuse_secret_flag
+from .keys import DEFAULT_KEY_OVERLAP, DEFAULT_TOKEN_OVERLAP
 from .limits import DEFAULT_LIMITS, MAX_DEPTH
 from .registry import DEFAULT_MAX_PENDING, DEFAULT_TOKEN_USES
 
-hub_app = typer.Typer(help="Run the hub and show its identity.", no_args_is_help=True)
+hub_app = typer.Typer(help="Run the hub, show its identity, rotate its key and API token.", no_args_is_help=True)
 schema_app = typer.Typer(help="Print JSON Schemas.", no_args_is_help=True)
 
 
 # -- hub run / identity ----------------------------------------------------------------------------------------
 
-def _split_hostport(value: str, what: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        fail(f"{what} {value!r}: expected HOST:PORT", 2)
-    return host.strip("[]"), int(port)
-
-
 @hub_app.command("run")
-def hub_run(broker: str = typer.Option(..., help="mqtt://HOST:PORT (with --embedded-broker: where to listen)"),
-            fleet: str = typer.Option(..., help="Fleet id"),
-            data: Path = typer.Option(..., help="Data directory: key, journal, registry, API token"),
-            api: str = typer.Option("127.0.0.1:8470", help="HOST:PORT of the HTTP API (port 0: any free port)"),
-            auto_accept: bool = typer.Option(False, "--auto-accept", help="Accept every enroll request (labs)"),
-            embedded_broker: bool = typer.Option(False, "--embedded-broker", help="Start an amqtt broker in-process"),
+def hub_run(broker: Optional[str] = typer.Option(
+                None, help="mqtt://HOST:PORT or mqtts://HOST:PORT (with --embedded-broker: where to listen) "
+                           "[FLEETFLOW_BROKER]"),
+            fleet: Optional[str] = typer.Option(None, help="Fleet id [FLEETFLOW_FLEET]"),
+            data: Optional[Path] = typer.Option(None, help="Data directory: key, journal, registry, API token "
+                                                           "[FLEETFLOW_DATA]"),
+            config_file: Optional[Path] = typer.Option(None, "--config", help="TOML config file; flags override "
+                                                                              "FLEETFLOW_* variables, which override "
+                                                                              "it [FLEETFLOW_CONFIG]"),
+            api: Optional[str] = typer.Option(None, help="HOST:PORT of the HTTP API (port 0: any free port) "
+                                                         "(default: 127.0.0.1:8470) [FLEETFLOW_API]"),
+            auto_accept: Optional[bool] = typer.Option(None, "--auto-accept", help="Accept every enroll request "
+                                                                                   "(labs) [FLEETFLOW_AUTO_ACCEPT]"),
+            embedded_broker: Optional[bool] = typer.Option(None, "--embedded-broker", help=(
+                "Start an amqtt broker in-process (labs) [FLEETFLOW_EMBEDDED_BROKER]")),
             enroll_token: Optional[str] = typer.Option(
                 None, "--enroll-token", hidden=True,
                 callback=refuse_secret_flag("--enroll-token", "FLEETFLOW_ENROLL_TOKEN or --enroll-token-file FILE")),
             enroll_token_file: Optional[Path] = typer.Option(
                 None, "--enroll-token-file", help="File (mode 0600) holding a token that admits nodes proving they "
                                                   "hold it [FLEETFLOW_ENROLL_TOKEN, FLEETFLOW_ENROLL_TOKEN_FILE]"),
-            enroll_token_uses: int = typer.Option(
-                DEFAULT_TOKEN_USES, "--enroll-token-uses", min=1,
-                help="Enrollments the enroll token may admit, counted across restarts (a node asking again with "
-                     "its enrolled key uses none)"),
-            max_pending: int = typer.Option(DEFAULT_MAX_PENDING, "--max-pending", min=1,
-                                            help="Pending enroll requests kept; beyond, the oldest is dropped"),
-            username: Optional[str] = typer.Option(None, help="Broker username (password: FLEETFLOW_PASSWORD)"),
-            ca_file: Optional[str] = typer.Option(None, "--ca-file", help="CA for mqtts://"),
-            policy: Optional[Path] = typer.Option(None, "--policy", help="Adaptation policy YAML (health, rules)"),
-            max_request_bytes: int = typer.Option(DEFAULT_LIMITS.request_bytes, "--max-request-bytes", min=1,
-                                                  help="Largest HTTP request body (413 beyond)"),
-            max_workflow_bytes: int = typer.Option(DEFAULT_LIMITS.workflow_bytes, "--max-workflow-bytes", min=1,
-                                                   help="Largest workflow YAML text (422 beyond, as the limits below)"),
-            max_workflow_steps: int = typer.Option(DEFAULT_LIMITS.steps, "--max-workflow-steps", min=1,
-                                                   help="Most steps in one workflow"),
-            max_workflow_depth: int = typer.Option(DEFAULT_LIMITS.depth, "--max-workflow-depth", min=1, max=MAX_DEPTH,
-                                                   help="Deepest nesting in a workflow or its inputs"),
-            max_workflow_aliases: int = typer.Option(DEFAULT_LIMITS.aliases, "--max-workflow-aliases", min=0,
-                                                     help="Most YAML aliases (*name) in one workflow"),
-            max_workflow_nodes: int = typer.Option(DEFAULT_LIMITS.nodes, "--max-workflow-nodes", min=1,
-                                                   help="Most values in a workflow or its inputs, YAML aliases "
-                                                        "expanded"),
-            log_level: str = typer.Option("info", "--log-level")) -> None:
-    """Run the hub until SIGTERM or SIGINT."""
+            enroll_token_uses: Optional[int] = typer.Option(
+                None, "--enroll-token-uses",
+                help=f"Enrollments the enroll token may admit, counted across restarts (a node asking again with "
+                     f"its enrolled key uses none) (default: {DEFAULT_TOKEN_USES}) [FLEETFLOW_ENROLL_TOKEN_USES]"),
+            max_pending: Optional[int] = typer.Option(
+                None, "--max-pending", help=f"Pending enroll requests kept; beyond, the oldest is dropped "
+                                            f"(default: {DEFAULT_MAX_PENDING}) [FLEETFLOW_MAX_PENDING]"),
+            username: Optional[str] = typer.Option(None, help="Broker username (password: FLEETFLOW_PASSWORD or the "
+                                                              "config file) [FLEETFLOW_USERNAME]"),
+            ca_file: Optional[str] = typer.Option(None, "--ca-file", help="CA for mqtts:// [FLEETFLOW_CA_FILE]"),
+            cert_file: Optional[str] = typer.Option(None, "--cert-file", help="Client certificate for a broker that "
+                                                                              "requires one [FLEETFLOW_CERT_FILE]"),
+            key_file: Optional[str] = typer.Option(None, "--key-file", help="Key of the client certificate "
+                                                                            "[FLEETFLOW_KEY_FILE]"),
+            policy: Optional[Path] = typer.Option(None, "--policy", help="Adaptation policy YAML (health, rules) "
+                                                                         "[FLEETFLOW_POLICY]"),
+            max_request_bytes: Optional[int] = typer.Option(
+                None, "--max-request-bytes", help=f"Largest HTTP request body (413 beyond) "
+                f"(default: {DEFAULT_LIMITS.request_bytes}) [FLEETFLOW_MAX_REQUEST_BYTES]"),
+            max_workflow_bytes: Optional[int] = typer.Option(
+                None, "--max-workflow-bytes", help=f"Largest workflow YAML text (422 beyond, as the limits below) "
+                f"(default: {DEFAULT_LIMITS.workflow_bytes}) [FLEETFLOW_MAX_WORKFLOW_BYTES]"),
+            max_workflow_steps: Optional[int] = typer.Option(
+                None, "--max-workflow-steps", help=f"Most steps in one workflow "
+                f"(default: {DEFAULT_LIMITS.steps}) [FLEETFLOW_MAX_WORKFLOW_STEPS]"),
+            max_workflow_depth: Optional[int] = typer.Option(
+                None, "--max-workflow-depth", help=f"Deepest nesting in a workflow or its inputs "
+                f"(default: {DEFAULT_LIMITS.depth}, at most {MAX_DEPTH}) [FLEETFLOW_MAX_WORKFLOW_DEPTH]"),
+            max_workflow_aliases: Optional[int] = typer.Option(
+                None, "--max-workflow-aliases", help=f"Most YAML aliases (*name) in one workflow "
+                f"(default: {DEFAULT_LIMITS.aliases}) [FLEETFLOW_MAX_WORKFLOW_ALIASES]"),
+            max_workflow_nodes: Optional[int] = typer.Option(
+                None, "--max-workflow-nodes", help=f"Most values in a workflow or its inputs, YAML aliases expanded "
+                f"(default: {DEFAULT_LIMITS.nodes}) [FLEETFLOW_MAX_WORKFLOW_NODES]"),
+            log_level: Optional[str] = typer.Option(None, "--log-level", help="debug, info, warning or error "
+                                                                              "(default: info) [FLEETFLOW_LOG_LEVEL]")
+            ) -> None:
+    """Run the hub until SIGTERM or SIGINT. Every setting also comes from FLEETFLOW_<NAME> or the --config file
+    (names as the flags, with underscores)."""
+    from .config import ConfigError, load_hub_settings
     from .health import Policy, load_policy
     from .workflow import WorkflowError
-    from agent.config import ConfigError, _broker, _id
 
     from agent.keys import KeyFileError
+    from agent.startup import StartupError
 
-    from .limits import Limits
-    from .service import Hub, HubConfig, OperatorError
+    from .service import Hub, OperatorError
 
+    flags = {"broker": broker, "fleet": fleet, "data": data, "api": api, "auto_accept": auto_accept,
+             "embedded_broker": embedded_broker, "enroll_token_file": enroll_token_file,
+             "enroll_token_uses": enroll_token_uses, "max_pending": max_pending, "username": username,
+             "ca_file": ca_file, "cert_file": cert_file, "key_file": key_file, "policy": policy,
+             "max_request_bytes": max_request_bytes, "max_workflow_bytes": max_workflow_bytes,
+             "max_workflow_steps": max_workflow_steps, "max_workflow_depth": max_workflow_depth,
+             "max_workflow_aliases": max_workflow_aliases, "max_workflow_nodes": max_workflow_nodes,
+             "log_level": log_level}
     try:
-        _id(fleet, "--fleet")
-        _broker(broker, "--broker")
+        settings = load_hub_settings({k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()},
+                                     config_file)
     except ConfigError as exc:
         fail(str(exc), 2)
-    host, port = _split_hostport(api, "--api")
     try:
-        rules = load_policy(policy) if policy else Policy()
+        rules = load_policy(settings.policy) if settings.policy else Policy()
     except WorkflowError as exc:
         for where, what in exc.problems:
             typer.echo(f"{where}: {what}", err=True)
         raise typer.Exit(2)
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), stream=sys.stderr,
+    logging.basicConfig(level=getattr(logging, settings.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    token = _enroll_token(enroll_token_file)
-    config = HubConfig(broker, fleet, data, host, port, auto_accept, token, enroll_token_uses, max_pending, username,
-                       os.environ.get("FLEETFLOW_PASSWORD"), ca_file, policy=rules,
-                       limits=Limits(request_bytes=max_request_bytes, workflow_bytes=max_workflow_bytes,
-                                     steps=max_workflow_steps, depth=max_workflow_depth,
-                                     aliases=max_workflow_aliases, nodes=max_workflow_nodes))
+    config = settings.hub_config(rules)
 
     async def main() -> None:
-        embedded = await start_embedded_broker(broker) if embedded_broker else None
+        embedded = await start_embedded_broker(settings.broker) if settings.embedded_broker else None
         try:
             hub = Hub(config)
             loop = asyncio.get_running_loop()
@@ -116,34 +135,10 @@ def hub_run(broker: str = typer.Option(..., help="mqtt://HOST:PORT (with --embed
         fail(str(exc), 2)
     except OperatorError as exc:  # a setting that cannot be used, named in the message (--api)
         fail(str(exc), 1)
+    except StartupError as exc:  # data directory in use or not writable, broker unreachable at the first connection
+        fail(str(exc), 1)
     except OSError as exc:
         fail(f"cannot start: {exc}", 1)
-
-
-MIN_ENROLL_TOKEN = 16
-
-
-def _enroll_token(token_file: Optional[Path]) -> Optional[str]:
-    """The hub's enroll token from --enroll-token-file, FLEETFLOW_ENROLL_TOKEN or FLEETFLOW_ENROLL_TOKEN_FILE."""
-    from agent.config import ConfigError, read_secret_file
-
-    try:
-        if token_file is not None:
-            token = read_secret_file(token_file, "--enroll-token-file")
-        elif os.environ.get("FLEETFLOW_ENROLL_TOKEN"):
-            token = os.environ["FLEETFLOW_ENROLL_TOKEN"]
-        elif os.environ.get("FLEETFLOW_ENROLL_TOKEN_FILE"):
-            token = read_secret_file(os.environ["FLEETFLOW_ENROLL_TOKEN_FILE"], "FLEETFLOW_ENROLL_TOKEN_FILE")
-        else:
-            return None
-    except ConfigError as exc:
-        fail(str(exc), 2)
-    # A proof sniffed off the wire lets anyone try tokens offline, as fast as HMAC runs: only a long random token
-    # keeps that hopeless.
-    if len(token) < MIN_ENROLL_TOKEN:
-        fail(f"the enroll token has {len(token)} characters; use at least {MIN_ENROLL_TOKEN} random ones "
-             f"(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')", 2)
-    return token
 
 
 async def start_embedded_broker(url: str) -> Any:
@@ -152,6 +147,11 @@ async def start_embedded_broker(url: str) -> Any:
 
     from amqtt.broker import Broker
 
+    # amqtt, and the state-machine library under it, log every connection and callback at INFO: that chatter is
+    # shown only when the hub logs at debug.
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        for name in ("amqtt", "transitions"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     parts = urlsplit(url)
     config = {"listeners": {"default": {"type": "tcp", "bind": f"{parts.hostname}:{parts.port or 1883}"}},
               "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}}
@@ -173,7 +173,102 @@ def hub_identity(data: Path = typer.Option(..., help="The hub's data directory")
     meta = _meta(data)
     info = {"public_key": bytes(key.verify_key).hex(), "api": meta.get("api"), "token_file": str(data / "api.token"),
             "fleet": meta.get("fleet")}
+    info.update(_rotation_info(data))
     typer.echo(json.dumps(info) if as_json else "\n".join(f"{k:11s} {v}" for k, v in info.items()))
+
+
+def _rotation_info(data: Path) -> dict[str, Any]:
+    """A key rotation under way, as `hub identity` shows it (nothing when there is none)."""
+    from agent.keys import KeyFileError
+
+    from .keys import read_rotation, utc
+
+    try:
+        rotation = read_rotation(data)
+    except KeyFileError as exc:
+        return {"next_key": f"unreadable: {exc}"}
+    if rotation is None:
+        return {}
+    switch = utc(rotation.switch_at) if rotation.switch_at is not None else "not announced yet"
+    return {"next_key": rotation.next_key.hex(), "next_kid": rotation.kid, "switch_at": switch}
+
+
+# -- hub rotate-key / rotate-token: files in the data directory, picked up by a running hub ------------------------
+
+def _overlap(value: str) -> float:
+    from .keys import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        fail(f"--overlap: {exc}", 2)
+
+
+def _hub_data(data: Path, needs: str) -> None:
+    if not (data / needs).exists():
+        fail(f"{data} holds no {needs} (is it a hub data directory?)", 2)
+
+
+@hub_app.command("rotate-key")
+def hub_rotate_key(data: Path = typer.Option(..., help="The hub's data directory"),
+                   overlap: str = typer.Option(DEFAULT_KEY_OVERLAP, help="How long the hub announces the next key before it signs "
+                                                           "with it, from its first announcement: as long as a node "
+                                                           "may stay offline (90s, 30m, 24h, 7d)"),
+                   as_json: bool = typer.Option(False, "--json", help="Print JSON")) -> None:
+    """Make the hub's next signing key (mode 0600). The hub announces it to the nodes, running or at its next start,
+    and signs with it once the overlap has passed; nodes that trust the current key follow without reconfiguring."""
+    from agent.keys import KeyFileError
+    from agent.telemetry import now_ms
+
+    from .keys import NEXT_KEY_FILE, RotationError, human, start_key_rotation
+
+    seconds = _overlap(overlap)
+    _hub_data(data, "hub.key")
+    try:
+        rotation = start_key_rotation(data, seconds, now_ms())
+    except KeyFileError as exc:
+        fail(str(exc), 2)
+    except RotationError as exc:
+        fail(str(exc), 1)
+    except OSError as exc:
+        fail(f"cannot write the next key in {data}: {exc.strerror or exc}", 1)
+    info = {"next_key": rotation.next_key.hex(), "next_kid": rotation.kid, "overlap_s": seconds,
+            "file": str(data / NEXT_KEY_FILE)}
+    if as_json:
+        typer.echo(json.dumps(info))
+        return
+    typer.echo(f"next hub key: kid {rotation.kid}, public key {rotation.next_key.hex()} ({info['file']}, mode 0600)\n"
+               f"The hub announces it in its hub state (at once if it runs, else when it starts) and signs with it "
+               f"{human(seconds)} after the first announcement. Nodes that trust the current key follow by "
+               f"themselves; one that stays offline that long needs --hub-key {rotation.next_key.hex()}.")
+
+
+@hub_app.command("rotate-token")
+def hub_rotate_token(data: Path = typer.Option(..., help="The hub's data directory"),
+                     overlap: str = typer.Option(DEFAULT_TOKEN_OVERLAP, help="How long the previous token stays accepted (0: refused "
+                                                            "at once)"),
+                     as_json: bool = typer.Option(False, "--json", help="Print JSON")) -> None:
+    """Write a new API token to DATA/api.token (mode 0600); the previous one stays accepted for the overlap. A
+    running hub takes both at its next request; clients given --data read the new one."""
+    from agent.keys import KeyFileError
+    from agent.telemetry import now_ms
+
+    from .keys import RotationError, human, rotate_token, utc
+
+    seconds = _overlap(overlap)
+    _hub_data(data, "api.token")
+    try:
+        previous = rotate_token(data, seconds, now_ms())
+    except KeyFileError as exc:
+        fail(str(exc), 2)
+    except RotationError as exc:
+        fail(str(exc), 1)
+    except OSError as exc:
+        fail(f"cannot write the new token in {data}: {exc.strerror or exc}", 1)
+    info = {"token_file": str(data / "api.token"), "previous_until": utc(previous.until), "overlap_s": seconds}
+    typer.echo(json.dumps(info) if as_json else
+               f"new API token in {info['token_file']} (mode 0600); the previous token is accepted until "
+               f"{info['previous_until']} ({human(seconds)}), then refused")
 
 
 # -- schema ------------------------------------------------------------------------------------------------------

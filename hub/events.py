@@ -70,6 +70,18 @@ class NodeDied(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class NodeConflict(Event):
+    """Evidence that two devices use this node's identity (hub/clones.py): a refused message of `boot` that only a
+    second device can have signed while the node was at `current`."""
+
+    KIND: ClassVar[str] = "node_conflict"
+    node: str = ""
+    boot: int = 0
+    current: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class NodeDrainSet(Event):
     KIND: ClassVar[str] = "node_drain_set"
     node: str = ""
@@ -78,11 +90,13 @@ class NodeDrainSet(Event):
 
 @dataclass(frozen=True, slots=True)
 class NodeRemoved(Event):
-    """Revoked or rejected by an operator: its attempts are lost and it gets no more work."""
+    """Revoked, rejected or deleted by an operator: its attempts are lost and it gets no more work. `forget` (a
+    delete): its record goes too, so a node later enrolled under the id starts from nothing."""
 
     KIND: ClassVar[str] = "node_removed"
     node: str = ""
     reason: str = ""
+    forget: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +225,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
     cls.KIND: cls for cls in (RunSubmitted, RunCancelRequested, NodeBorn, NodeSeen, NodeDied, NodeDrainSet,
                               NodeRemoved, StepReported, ResultReported, ReplayMarks, AttemptAssigned, AttemptLost,
                               StepUnrunnable, NodeSuspected, NodeFailed, RunTimedOut, HealthChanged, ActionTaken,
-                              BreakerChanged, HubLoadChanged)
+                              BreakerChanged, HubLoadChanged, NodeConflict)
 }
 
 

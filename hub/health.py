@@ -32,8 +32,8 @@ class _Model(BaseModel):
 
 
 class Threshold(_Model):
-    high: float
-    critical: float
+    high: float = Field(description="at or over this for `duration`: degraded")
+    critical: float = Field(description="at or over this for `duration`: unhealthy (not below high)")
 
     @model_validator(mode="after")
     def _ordered(self) -> Threshold:
@@ -43,32 +43,34 @@ class Threshold(_Model):
 
 
 class Trigger(_Model):
-    metric: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    op: Literal[">", ">=", "<", "<="] = ">="
-    threshold: float
-    duration: float = Field(60.0, ge=0)
-    action: Action
+    metric: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="a telemetry metric (cpu, mem, disk, "
+                                                                        "temp, load1, ...)")
+    op: Literal[">", ">=", "<", "<="] = Field(">=", description="how the metric compares with the threshold")
+    threshold: float = Field(description="the value the metric is compared with")
+    duration: float = Field(60.0, ge=0, description="seconds the comparison must hold before the action fires")
+    action: Action = Field(description="what to do; fires once each time the condition has held for `duration`")
 
 
 class Breaker(_Model):
     failures: int = Field(3, ge=1, description="step failures on a node within `window` that open its breaker")
-    window: float = Field(300.0, gt=0)
+    window: float = Field(300.0, gt=0, description="seconds over which failures are counted")
     cooldown: float = Field(60.0, gt=0, description="seconds open before half-open")
     successes: int = Field(1, ge=1, description="successes while half-open that close it")
 
 
 class Limits(_Model):
-    max_migrations_per_run: int = Field(3, ge=0)
-    max_migrations_per_node: int = Field(10, ge=0)
-    window: float = Field(600.0, gt=0)
+    max_migrations_per_run: int = Field(3, ge=0, description="migrations of one run's steps within `window`")
+    max_migrations_per_node: int = Field(10, ge=0, description="migrations off one node within `window`")
+    window: float = Field(600.0, gt=0, description="seconds over which migrations are counted")
 
 
 class SelfProtection(_Model):
-    loop_lag_ms: float = Field(250.0, gt=0)
-    journal_commit_ms: float = Field(500.0, gt=0)
-    cpu_percent: float = Field(90.0, gt=0)
+    loop_lag_ms: float = Field(250.0, gt=0, description="event-loop lag over which a sample counts as overloaded")
+    journal_commit_ms: float = Field(500.0, gt=0, description="journal commit time over which a sample counts as "
+                                                              "overloaded")
+    cpu_percent: float = Field(90.0, gt=0, description="hub process CPU over which a sample counts as overloaded")
     samples: int = Field(3, ge=1, description="consecutive overloaded samples before acting")
-    recover_samples: int = Field(10, ge=1)
+    recover_samples: int = Field(10, ge=1, description="consecutive good samples before recovering")
     telemetry_factor: float = Field(4.0, ge=1, description="telemetry interval multiplier while overloaded")
 
 
@@ -79,17 +81,24 @@ DEFAULT_THRESHOLDS = {"cpu": Threshold(high=70, critical=90), "mem": Threshold(h
 class Policy(_Model):
     duration: float = Field(60.0, ge=0, description="seconds over a threshold before the state is entered")
     recovery: float = Field(300.0, ge=0, description="seconds under the lower bound before it is left")
-    hysteresis: float = Field(0.1, ge=0, lt=1)
+    hysteresis: float = Field(0.1, ge=0, lt=1, description="lower bound to leave a state: threshold x (1 - "
+                                                           "hysteresis)")
     cooldown: float = Field(120.0, ge=0, description="seconds between actions on one node")
-    thresholds: dict[str, Threshold] = Field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
-    profiles: dict[str, dict[str, Threshold]] = Field(default_factory=dict)
-    on_degraded: list[Action] = Field(default_factory=lambda: ["throttle"])
-    on_unhealthy: list[Action] = Field(default_factory=lambda: ["throttle", "migrate"])
-    triggers: list[Trigger] = Field(default_factory=list)
-    breaker: Breaker = Field(default_factory=Breaker)
-    limits: Limits = Field(default_factory=Limits)
-    self_protection: SelfProtection = Field(default_factory=SelfProtection)
-    unrunnable: UnrunnablePolicy = Field(default_factory=UnrunnablePolicy)
+    thresholds: dict[str, Threshold] = Field(default_factory=lambda: dict(DEFAULT_THRESHOLDS),
+                                             description="per metric, over the firmware profiles' own")
+    profiles: dict[str, dict[str, Threshold]] = Field(default_factory=dict,
+                                                      description="per firmware profile, per metric: overrides")
+    on_degraded: list[Action] = Field(default_factory=lambda: ["throttle"],
+                                      description="actions when a node becomes degraded")
+    on_unhealthy: list[Action] = Field(default_factory=lambda: ["throttle", "migrate"],
+                                       description="actions when a node becomes unhealthy")
+    triggers: list[Trigger] = Field(default_factory=list, description="metric rules mapped to actions")
+    breaker: Breaker = Field(default_factory=Breaker, description="per-node circuit breaker on step failures")
+    limits: Limits = Field(default_factory=Limits, description="caps on migrations")
+    self_protection: SelfProtection = Field(default_factory=SelfProtection,
+                                            description="when the hub itself is overloaded")
+    unrunnable: UnrunnablePolicy = Field(default_factory=UnrunnablePolicy,
+                                         description="work that can never run fails instead of waiting")
 
     def thresholds_for(self, profile: str, profile_thresholds: dict[str, dict[str, float]] | None = None
                        ) -> dict[str, Threshold]:

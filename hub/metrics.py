@@ -59,6 +59,10 @@ class _StateCollector(Collector):
         for reason, count in sorted((intake.refused + self.hub.metrics.rejected).items()):
             rejected.add_metric([reason], count)
         yield rejected
+        conflicts = GaugeMetricFamily("fleetflow_node_conflicts", "Nodes whose identity two devices use (a cloned "
+                                      "data directory): see `fleetflow nodes show`")
+        conflicts.add_metric([], sum(1 for n in core.nodes.values() if n.conflict is not None))
+        yield conflicts
         paused = GaugeMetricFamily("fleetflow_liveness_suspended", "1 while the hub is behind and decides no liveness")
         paused.add_metric([], 1 if self.hub.liveness_paused else 0)
         yield paused

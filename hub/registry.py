@@ -14,6 +14,11 @@ broker:
 - pending requests are capped; the oldest is dropped to make room (its agent asks again later);
 - an enroll token admits at most `token_uses` enrollments, counted durably by the token's fingerprint (a new
   token starts from zero); a repeated request from an already accepted key uses nothing.
+
+Operators re-key a node (revoke, then `add` the new key), delete one, or accept every pending request at once. The
+registry also remembers, per id, which key the hub's replay state (boot and seq high-water mark) was built with,
+even across a delete: a new key resets it (the device behind it may count its boots from 1 again), while the same
+key coming back keeps it, so nothing captured under that key can be replayed.
 """
 
 from __future__ import annotations
@@ -50,6 +55,10 @@ class NoSuchNode(RegistryError):
 
 class KeyMismatch(RegistryError):
     """An accept named another key than the one the node asks with now."""
+
+
+class KeyTaken(RegistryError):
+    """An add names another key for an id that is enrolled (accepted) with its own."""
 
 
 def fingerprint(key: bytes) -> str:
@@ -91,8 +100,15 @@ class Registry:
         self._db = TinyDB(str(path), storage=DurableJSONStorage)
         self._nodes = self._db.table("nodes")
         self._tokens = self._db.table("tokens")
+        self._replay_table = self._db.table("replay")
         self._cache = {doc["id"]: {**doc, "kid": fingerprint(bytes.fromhex(doc["key"]))} for doc in self._nodes.all()}
         self._uses: dict[str, dict[str, Any]] = {doc["id"]: dict(doc) for doc in self._tokens.all()}
+        # id -> kid of the key the hub's replay state for that id belongs to (kept when a node is deleted). A
+        # registry written before this table existed: every id that was ever trusted was trusted with its own key.
+        self._replay: dict[str, str] = {doc["id"]: doc["kid"] for doc in self._replay_table.all()}
+        for doc in self._cache.values():
+            if doc["state"] != "pending":
+                self._replay.setdefault(doc["id"], doc["kid"])
         # Pending ids, oldest request first: dropping the oldest when full is O(1), an enroll storm stays cheap.
         pending = sorted((d for d in self._cache.values() if d["state"] == "pending"),
                          key=lambda d: (d["requested_at"], d["id"]))
@@ -111,6 +127,10 @@ class Registry:
 
     def pending_count(self) -> int:
         return len(self._pending)
+
+    def pending(self) -> list[dict[str, Any]]:
+        """Pending requests, oldest first, each with the kid it asks with now."""
+        return [self._cache[node_id] for node_id in self._pending]
 
     def token_uses(self, token: str | None) -> int:
         return int(self._uses.get(token or "", {}).get("uses", 0))
@@ -131,6 +151,8 @@ class Registry:
             self._nodes.insert_multiple(self.all())
             self._tokens.truncate()
             self._tokens.insert_multiple(sorted(self._uses.values(), key=lambda d: d["id"]))
+            self._replay_table.truncate()
+            self._replay_table.insert_multiple([{"id": i, "kid": k} for i, k in sorted(self._replay.items())])
             self._dirty = False
 
     # -- enroll requests (from the wire) -------------------------------------------------------------------------
@@ -199,14 +221,56 @@ class Registry:
     # -- operator actions (written at once) -----------------------------------------------------------------------
 
     def add(self, node_id: str, key: bytes, at: int) -> dict[str, Any]:
-        """Pre-register (an operator adds a node's key before it ever connects)."""
+        """Enroll a key an operator names: before the node first connects, or to re-key a node that was revoked,
+        rejected or deleted (its device has a new key). An id enrolled with another key is refused: revoke it first,
+        so a mistyped id never takes over a working node."""
         check_id(node_id, "node id")
         if node_id == HUB_ID:
             raise RegistryError(f"the node id {HUB_ID!r} is reserved for the hub")
         if len(key) != 32:
             raise RegistryError("a public key has 32 bytes")
+        doc = self._cache.get(node_id)
+        if doc is not None and doc["state"] == "accepted":
+            if doc["key"] == key.hex():
+                return doc  # already enrolled with this key: nothing to do
+            raise KeyTaken(f"node {node_id!r} is enrolled with kid {doc['kid']}, not {fingerprint(key)}; to re-key it, "
+                           f"revoke it first (nodes revoke {node_id}), then add the new key")
         doc = self._put({"id": node_id, "key": key.hex(), "kid": fingerprint(key), "state": "accepted", "profile": "",
                          "labels": {}, "requested_at": at, "changed_at": at})
+        self.flush()
+        return doc
+
+    def fresh_key(self, node_id: str) -> bool:
+        """True if the hub's replay state for this id was built with another key than the accepted one, and must
+        start afresh before that key is trusted: the device behind a new key may count its boots from 1 again, and
+        no message signed with the new key can have been captured before it was enrolled."""
+        doc = self._cache.get(node_id)
+        return doc is not None and doc["state"] == "accepted" and self._replay.get(node_id) != doc["kid"]
+
+    def trusted(self, node_id: str) -> None:
+        """The replay state of this id now belongs to its accepted key (written with the next flush: per batch on
+        the enroll path, at once by operator actions)."""
+        kid = self._existing(node_id)["kid"]
+        if self._replay.get(node_id) != kid:
+            self._replay[node_id] = kid
+            self._dirty = True
+
+    def stale_replay(self) -> list[str]:
+        """Accepted ids whose replay state is not yet reset for their key (a stop between an add and the reset)."""
+        return [node_id for node_id in self._cache if self.fresh_key(node_id)]
+
+    def accept_pending(self, at: int) -> list[dict[str, Any]]:
+        """Accept every pending request with the key it asks with now; rejected and revoked ids are not pending."""
+        accepted = [self._put({**doc, "state": "accepted", "changed_at": at}) for doc in self.pending()]
+        self.flush()
+        return accepted
+
+    def delete(self, node_id: str) -> dict[str, Any]:
+        """Forget a node's enrollment (any state). The replay state's key is kept: see `trusted`."""
+        doc = self._existing(node_id)
+        del self._cache[node_id]
+        self._pending.pop(node_id, None)
+        self._dirty = True
         self.flush()
         return doc
 
@@ -243,3 +307,23 @@ class Registry:
     def close(self) -> None:
         self.flush()
         self._db.close()
+
+
+# -- label selectors ---------------------------------------------------------------------------------------------
+
+def parse_selector(pairs: list[str]) -> dict[str, str]:
+    """`-l key=value` selectors (repeatable; a node must match all). Raises ValueError naming the bad one."""
+    selector: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"label selector {pair[:80]!r}: expected KEY=VALUE")
+        key = key.strip()
+        if key in selector and selector[key] != value:
+            raise ValueError(f"label selector: {key} cannot be both {selector[key]!r} and {value!r}")
+        selector[key] = value
+    return selector
+
+
+def matches(labels: dict[str, str], selector: dict[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())

@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hmac
+import functools
 import logging
 import os
-import secrets
+import shlex
 import socket
 import time
 import uuid
@@ -21,30 +21,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nacl.signing import SigningKey
 from tinydb import TinyDB
 
 from agent.identity import DurableJSONStorage
-from agent.keys import load_key, read_private_text, write_new_key
 from agent.node import Backoff
+from agent.startup import DataLock, broker_unreachable
 from agent.telemetry import now_ms
 from agent.transport import (BrokerSettings, MqttTransport, Session, Transport, TransportError, Will,
                              session_client_id)
 from protocols import (HUB_ID, Ack, Assign, AttemptRef, Birth, Cancel, Config, Death, Drain, Enroll, Heartbeat,
-                       HubState, Keyring, ProtocolError, Receiver, ReplayWindow, Signer, StepEvent, StepResult,
-                       Telemetry, kid_for)
+                       Keyring, ProtocolError, ReplayWindow, Signer, StepEvent, StepResult, Telemetry,
+                       kid_for)
 from protocols.envelope import DEFAULT_MAX_SIZE
 from protocols.messages import check_enroll_proof
 
 from . import __version__
-from .events import (ActionTaken, Event, HealthChanged, HubLoadChanged, NodeBorn, NodeDied, NodeDrainSet,
-                     NodeRemoved, NodeSeen, ResultReported, RunCancelRequested, RunSubmitted, StepReported)
+from .eventlog import apply_logged
+from .clones import CloneWatch, report_conflicts
+from .events import (ActionTaken, Event, HealthChanged, HubLoadChanged, NodeBorn, NodeDied, NodeSeen,
+                     ResultReported, RunCancelRequested, RunSubmitted, StepReported)
 from .health import HealthTracker, LoadMonitor, Policy
 from .intake import Inbound, Intake
 from .journal import Journal, Mark
+from .keys import ApiTokens, HubKeys, ensure_token, follow_rotation
 from .limits import Limits
 from .metrics import HubMetrics
-from .registry import (DEFAULT_MAX_PENDING, DEFAULT_TOKEN_USES, EnrollPolicy, NoSuchNode, Registry, RegistryError,
-                       token_fingerprint)
+from .node_admin import NodeAdmin, reset_stale_windows
+from .registry import DEFAULT_MAX_PENDING, DEFAULT_TOKEN_USES, EnrollPolicy, Registry, token_fingerprint
 from .runnable import workflow_problems
 from .state import Command, Core, SendAssign, SendCancel, SendConfig, SendDrain, compile_workflow
 from .workflow import Workflow, WorkflowError
@@ -83,6 +87,8 @@ class HubConfig:
     snapshot_every: int = 10_000
     policy: Policy = field(default_factory=Policy)
     limits: Limits = field(default_factory=Limits)  # request bodies and workflows (hub/limits.py)
+    cert_file: str | None = None  # client certificate and key, for a broker that requires them (mutual TLS)
+    key_file: str | None = None
 
 
 class OperatorError(Exception):
@@ -123,10 +129,10 @@ class Hub:
     def __init__(self, config: HubConfig, transport: Transport | None = None) -> None:
         self.config = config
         data = Path(config.data)
-        data.mkdir(parents=True, exist_ok=True)
+        # Before anything in the directory is read or changed: one hub per data directory (agent/startup.py).
+        self.lock = DataLock.acquire(data)
         os.chmod(data, 0o700)
-        key_path = data / "hub.key"
-        self.key = load_key(key_path) if key_path.exists() else write_new_key(key_path)
+        self.keys = HubKeys.open(data, now_ms())  # hub.key, and a key rotation under way (hub/keys.py)
         self.meta = TinyDB(str(data / "hub.json"), storage=DurableJSONStorage)
         self.registry = Registry(data / "nodes.json")
         self.journal = Journal(data / "journal.sqlite", config.snapshot_every)
@@ -136,15 +142,16 @@ class Hub:
         self.tracker = HealthTracker(config.policy)
         self.load = LoadMonitor(config.policy.self_protection)
         self._profile_thresholds: dict[str, dict[str, dict[str, float]]] = {}
-        self.token = self._token(data / "api.token")
+        self.tokens = ApiTokens(data)  # api.token, and the previous one during a rotation's overlap
         keyring = Keyring(self.registry.accepted_keys())
-        self.receiver = Receiver(config.fleet, keyring, windows=self._restore_windows())
+        # The receiver also reads what its replay check refuses: two devices with one identity (hub/clones.py).
+        self.receiver = self.clones = CloneWatch(config.fleet, keyring, windows=self._restore_windows())
         boot = int((self.meta.get(doc_id=1) or {}).get("boot", 0)) + 1
         self._set_meta(boot=boot, fleet=config.fleet)
         self.signer = Signer(self.key, config.fleet, HUB_ID, boot=boot)
         self.intake = Intake(config.fleet, self.receiver, now_ms)
         self.transport = transport or MqttTransport(BrokerSettings(config.broker, config.username, config.password,
-                                                                   config.ca_file),
+                                                                   config.ca_file, config.cert_file, config.key_file),
                                                     incoming=lambda maxsize=0: self.intake, read_burst=READ_BURST,
                                                     on_backlog=self.intake.note_backlog)
         self.metrics = HubMetrics(self)
@@ -163,27 +170,21 @@ class Hub:
         windows = {k: ReplayWindow.from_dict(v) for k, v in self.core.windows.items()}
         for sender, (boot, top, death_seen) in self.journal.marks().items():
             old = windows.get(sender)
-            if old is None or (boot, top) > (old.boot, old.top):
+            if old is None or boot < 0 or (boot, top) > (old.boot, old.top):  # boot -1: reset for a new key
                 windows[sender] = ReplayWindow.fenced(boot, top, death_seen)
+        reset_stale_windows(self.registry, self.journal, windows)
         return windows
 
     # -- files ---------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _token(path: Path) -> str:
-        """The API token, made (mode 0600) on first start. Like a key file, refused when other users can read it."""
-        if path.exists():
-            return read_private_text(path, "API token file")
-        token = secrets.token_urlsafe(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, token.encode() + b"\n")
-        finally:
-            os.close(fd)
-        return token
+    _token = staticmethod(ensure_token)
+
+    @property
+    def token(self) -> str:
+        return self.tokens.current
 
     def check_token(self, given: str) -> bool:
-        return hmac.compare_digest(given.encode(), self.token.encode())
+        return self.tokens.check(given, now_ms())
 
     def _set_meta(self, **fields: Any) -> None:
         table = self.meta.table("_default")
@@ -193,8 +194,16 @@ class Hub:
             table.update(fields, doc_ids=[1])
 
     @property
+    def key(self) -> SigningKey:
+        return self.keys.current  # changes when a key rotation switches (hub/keys.py)
+
+    @property
     def public_key(self) -> bytes:
-        return bytes(self.key.verify_key)
+        return self.keys.public_key
+
+    @functools.cached_property
+    def admin(self) -> NodeAdmin:
+        return NodeAdmin(self)
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -217,9 +226,12 @@ class Hub:
         log.info("API listening at %s", self.api_url)
         return sock
 
-    async def run(self, api: bool = True) -> None:
+    async def run(self, api: bool = True, first_connection_required: bool = True) -> None:
+        """Serve until `stop()`. A first broker connection that fails raises `StartupError` (with
+        `first_connection_required`); a broker lost later is retried with backoff, forever."""
         tasks: list[asyncio.Task[None]] = []
         backoff = Backoff()
+        connected = False
         try:
             if api:
                 from .api import serve
@@ -228,17 +240,24 @@ class Hub:
                 tasks.append(asyncio.create_task(serve(self, self._listen()), name="api"))
             tasks.append(asyncio.create_task(self._core_loop(), name="core"))
             tasks.append(asyncio.create_task(self._monitor_load(), name="load"))
+            tasks.append(asyncio.create_task(report_conflicts(self, self.clones), name="conflicts"))
             while not self._stop.is_set():
-                offline = self.signer.seal(HubState(False, self.public_key, __version__), now_ms())
+                offline = self.signer.seal(self.keys.state(False, __version__), now_ms())
+                failure: TransportError | None = None
                 try:
                     async with self.transport.connect(session_client_id(f"{self.config.fleet}.hub"),
                                                       Will(offline.topic, offline.payload, 1, True)) as session:
+                        connected = True
                         backoff.reset()
                         await self._session(session)
                 except* TransportError as group:
-                    log.warning("broker connection: %s", group.exceptions[0])
+                    failure = group.exceptions[0]  # type: ignore[assignment]
                 finally:
                     self.session = None
+                if failure is not None:
+                    if first_connection_required and not connected and not self._stop.is_set():
+                        raise broker_unreachable(self.config.broker, failure)
+                    log.warning("broker connection: %s", failure)
                 if self._stop.is_set():
                     break
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -250,29 +269,41 @@ class Hub:
             self.journal.close()
             self.registry.close()
             self.meta.close()
+            self.lock.release()
 
     async def _session(self, session: Session) -> None:
         for kind in NODE_KINDS_READ:
             await session.subscribe(f"fleetflow/v1/{self.config.fleet}/node/+/{kind}", qos=1)
         # Every node that sees this (a newer hub state) publishes a birth: the hub may have missed births while it
         # was away, or the nodes reconnected to a restarted broker before it did.
-        online = self.signer.seal(HubState(True, self.public_key, __version__), now_ms())
-        await session.publish(online.topic, online.payload, qos=1, retain=True)
+        await self._publish_state(session, True)
         self.session = session
         log.info("hub online for fleet %s (boot %d)", self.config.fleet, self.signer.boot)
         reader = asyncio.create_task(session.closed())
         stop = asyncio.create_task(self._stop.wait())
+        keys = asyncio.create_task(follow_rotation(self.keys, self.signer, lambda: self._publish_state(session, True),
+                                                   now_ms))
         try:
-            done, _ = await asyncio.wait({reader, stop}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({reader, stop, keys}, return_when=asyncio.FIRST_COMPLETED)
             if reader in done:
                 reader.result()  # raises the transport error
+            elif keys in done:
+                keys.result()  # a hub state it could not publish: the transport error ends the session
             else:  # a clean stop: say we are offline before leaving
-                offline = self.signer.seal(HubState(False, self.public_key, __version__), now_ms())
-                await session.publish(offline.topic, offline.payload, qos=1, retain=True)
+                await self._publish_state(session, False)
         finally:
-            reader.cancel()
-            stop.cancel()
-            await asyncio.gather(reader, stop, return_exceptions=True)
+            for task in (reader, stop, keys):
+                task.cancel()
+            await asyncio.gather(reader, stop, keys, return_exceptions=True)
+
+    async def _publish_state(self, session: Session, online: bool) -> None:
+        """The retained hub state, signed with the current key; during a key rotation it announces the next one, and
+        the rotation's overlap starts once the broker has taken the first announcement."""
+        state = self.keys.state(online, __version__)
+        out = self.signer.seal(state, now_ms())
+        await session.publish(out.topic, out.payload, qos=1, retain=True)
+        if online and state.next_key is not None:
+            self.keys.announced(now_ms())
 
     # -- the core loop -------------------------------------------------------------------------------------------
 
@@ -316,7 +347,7 @@ class Hub:
                     attempt = self.core.current(fact.attempt, fact.node, fact.fence)
                     if attempt is not None and attempt.started_at is not None:
                         self.metrics.step_latency.observe((fact.at - attempt.started_at) / 1000)
-                commands += self.core.apply(fact)
+                commands += apply_logged(self.core, fact)
                 self.metrics.count_adaptation(fact)
         scan = time.monotonic() - self._timers_at >= TIMER_SCAN_S
         if scan:
@@ -328,7 +359,7 @@ class Hub:
                 break
             await self.journal.append(decisions)
             for decision in decisions:
-                commands += self.core.apply(decision)
+                commands += apply_logged(self.core, decision)
                 self.metrics.count_decision(decision)
         applied = now_ms()
         for item in batch:
@@ -368,7 +399,7 @@ class Hub:
         node = header.src
         self.metrics.messages.labels(header.type, "accepted").inc()
         if isinstance(body, Enroll):
-            return self._enroll(node, body, at, out.replies)
+            return self._enroll(node, body, at, out.replies, out.senders)
         out.senders.add(node)
         if isinstance(body, Birth):
             out.born.add(node)
@@ -458,8 +489,10 @@ class Hub:
                 log.warning("hub %s: %s", "overloaded" if change else "recovered", self.load.reason)
                 await self.request([HubLoadChanged(now_ms(), change, self.load.reason)])
 
-    def _enroll(self, node: str, body: Enroll, at: int, replies: list[tuple[str, Any]]) -> list[Event]:
-        """An enroll request: the registry applies the rules (hub/registry.py); this answers and reports."""
+    def _enroll(self, node: str, body: Enroll, at: int, replies: list[tuple[str, Any]],
+                senders: set[str] | None = None) -> list[Event]:
+        """An enroll request: the registry applies the rules (hub/registry.py); this answers and reports. `senders`:
+        the batch's senders whose replay marks it journals (a new key adds its fresh one)."""
         config, token = self.config, self.config.enroll_token
         proof = (None if token is None or body.proof is None
                  else check_enroll_proof(body.proof, token, config.fleet, node, body.key))
@@ -489,15 +522,18 @@ class Hub:
             warn("taken", f"node {node}: enroll refused, the id is taken: it is enrolled with kid "
                           f"{outcome.enrolled_kid}, this request has kid {outcome.kid}")
         elif outcome.verdict == "accepted":
-            self.receiver.keyring.add(node, body.key)
+            if self.admin.trust(node, body.key) and senders is not None:
+                senders.add(node)  # its fresh replay mark is journaled with this batch, before the answer goes out
             if outcome.admitted_by == "token":
                 log.info("node %s enrolled with the enroll token (kid %s; use %d of %d)", node, outcome.kid,
                          outcome.token_uses, config.enroll_token_uses)
             elif outcome.admitted_by == "auto":
                 log.info("node %s enrolled by auto-accept (kid %s)", node, outcome.kid)
         elif outcome.verdict == "pending" and outcome.new:
-            log.info("node %s asks to enroll with kid %s; check the kid on the device (fleetflow agent identity), "
-                     "then accept with: fleetflow nodes accept %s --kid %s", node, outcome.kid, node, outcome.kid)
+            # A command that runs as printed on this machine: --data finds this hub's API and token.
+            log.info("node %s asks to enroll with kid %s; compare it with the kid the agent logs on the device, then "
+                     "accept with: fleetflow nodes accept %s --kid %s --data %s", node, outcome.kid, node, outcome.kid,
+                     shlex.quote(str(Path(config.data).resolve())))
         replies.append((node, Ack((), outcome.verdict, kid_for(body.key))))
         return []
 
@@ -574,44 +610,10 @@ class Hub:
         await self.request([RunCancelRequested(now_ms(), run_id, reason, force_fail)])
 
     async def node_action(self, node_id: str, action: str, on: bool = True, kid: str | None = None) -> dict[str, Any]:
-        """Operator actions. `accept` needs `kid`: the fingerprint of the key the operator reviewed (or that key in
-        hex), so a request whose key changed after the review is not accepted with the new key."""
-        at = now_ms()
-        try:
-            if action == "drain":
-                if node_id not in self.core.nodes:
-                    raise OperatorError(f"no node {node_id!r} has announced itself", 404)
-                await self.request([NodeDrainSet(at, node_id, on)])
-                await self._command(node_id, Drain(on))
-                return {"id": node_id, "draining": on}
-            if action == "accept":
-                if not kid:
-                    raise OperatorError("name the key you reviewed: its kid (fleetflow nodes show ID)", 422)
-                doc = self.registry.accept(node_id, kid, at)
-            else:
-                doc = self.registry.set_state(node_id, {"reject": "rejected", "revoke": "revoked"}[action], at)
-        except NoSuchNode as exc:
-            raise OperatorError(str(exc), 404) from None
-        except RegistryError as exc:
-            raise OperatorError(str(exc), 409) from None
-        if doc["state"] == "accepted":
-            key = bytes.fromhex(doc["key"])
-            self.receiver.keyring.add(node_id, key)
-            log.info("node %s accepted by an operator (kid %s)", node_id, doc["kid"])
-            await self._command(node_id, Ack((), "accepted", kid_for(key)))
-        else:
-            self.receiver.keyring.remove_owner(node_id)  # its messages are refused from now on
-            if node_id in self.core.nodes:
-                await self.request([NodeRemoved(at, node_id, f"{doc['state']} by an operator")])
-        return doc
+        return await self.admin.action(node_id, action, on, kid)  # hub/node_admin.py
 
     async def add_node(self, node_id: str, key: bytes) -> dict[str, Any]:
-        try:
-            doc = self.registry.add(node_id, key, now_ms())
-        except (RegistryError, ProtocolError) as exc:  # a bad id or key, or the reserved id
-            raise OperatorError(str(exc), 422) from None
-        self.receiver.keyring.add(node_id, key)
-        return doc
+        return await self.admin.add(node_id, key)
 
     async def _command(self, node: str, body: Any) -> None:
         if self.session is not None:

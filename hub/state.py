@@ -16,8 +16,8 @@ from typing import Any
 from .conditions import ConditionError
 from .events import (ActionTaken, AttemptAssigned, AttemptLost, BreakerChanged, Event, HealthChanged,
                      HubLoadChanged, NodeBorn, NodeDied, NodeDrainSet, NodeFailed, NodeRemoved, NodeSeen,
-                     NodeSuspected, ReplayMarks, ResultReported, RunCancelRequested, RunSubmitted, RunTimedOut,
-                     StepReported, StepUnrunnable)
+                     NodeConflict, NodeSuspected, ReplayMarks, ResultReported, RunCancelRequested, RunSubmitted,
+                     RunTimedOut, StepReported, StepUnrunnable)
 from .health import Policy
 from .runnable import AVOID_UNANSWERING_MS, unanswered
 from .workflow import Compensation, Selector, Step, Workflow, instance_id, workflow_from_data
@@ -30,6 +30,7 @@ MAX_REFUSALS = 50
 RETAIN_FINISHED = 2_000      # finished runs kept whole; older ones shrink to a summary (the journal has the rest)
 SUSPECT_AFTER_HEARTBEATS = 2
 FAIL_AFTER_HEARTBEATS = 3
+CONFLICT_QUIET_MS = 600_000  # a birth this long after the last evidence of a second device clears the node's mark
 
 RUN_TERMINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
 STEP_TERMINAL = frozenset({"succeeded", "failed", "skipped", "cancelled"})
@@ -187,6 +188,9 @@ class Node:
     probe_failed: bool = False
     migrations: list[int] = field(default_factory=list)   # times of recent migrations off this node
     history: list[dict[str, Any]] = field(default_factory=list)
+    # Two devices use this identity (hub/clones.py): {reason, since, last, boots}. A plain default, so nodes in
+    # snapshots pickled before the field existed read it as None.
+    conflict: dict[str, Any] | None = None
 
     def remember(self, entry: dict[str, Any]) -> None:
         self.history.append(entry)
@@ -245,7 +249,7 @@ class Core:
             AttemptAssigned: self._assigned, AttemptLost: self._lost, ReplayMarks: self._replay_marks,
             StepUnrunnable: self._step_unrunnable,
             HealthChanged: self._health_changed, ActionTaken: self._action, BreakerChanged: self._breaker_changed,
-            HubLoadChanged: self._hub_load,
+            HubLoadChanged: self._hub_load, NodeConflict: self._node_conflict,
         }
 
     # -- the fold ------------------------------------------------------------------------------------------------
@@ -602,6 +606,11 @@ class Core:
         elif node.state != "online":
             _move(LIVENESS_TRANSITIONS, "node", node, "online")
             node.remember({"at": ev.at, "kind": "liveness", "state": "online", "reason": f"birth, boot {ev.boot}"})
+        if node.conflict is not None and ev.at - node.conflict["last"] >= CONFLICT_QUIET_MS:
+            # Evidence of a second device keeps coming while it runs; a birth after a long silence clears the mark.
+            node.remember({"at": ev.at, "kind": "conflict", "conflict": False,
+                           "reason": f"no sign of a second device for {CONFLICT_QUIET_MS // 60_000} min"})
+            node.conflict = None
         node.boot, node.profile, node.labels = ev.boot, ev.profile, dict(ev.labels)
         node.caps, node.slots, node.resources, node.hb = frozenset(ev.caps), ev.slots, dict(ev.resources), ev.hb
         node.tel = ev.tel
@@ -610,6 +619,19 @@ class Core:
         node.removed = False
         stale = tuple(ref for ref in ev.running if self.current(ref[2], ev.node, ref[3]) is None)
         return [SendCancel(ev.node, stale, "stale attempt: the hub moved this step")] if stale else []
+
+    def _node_conflict(self, ev: NodeConflict) -> list[Command]:
+        """Marks the node only: the devices are not told anything, so neither is pushed into a new boot."""
+        node = self.nodes.get(ev.node)
+        if node is None:
+            return []
+        if node.conflict is None:
+            node.conflict = {"reason": ev.reason, "since": ev.at, "last": ev.at, "boots": sorted({ev.boot, ev.current})}
+            node.remember({"at": ev.at, "kind": "conflict", "conflict": True, "reason": ev.reason})
+        else:
+            node.conflict = {**node.conflict, "reason": ev.reason, "last": ev.at,
+                             "boots": sorted({*node.conflict["boots"], ev.boot, ev.current})[-4:]}
+        return []
 
     def _node_seen(self, ev: NodeSeen) -> list[Command]:
         node = self.nodes.get(ev.node)
@@ -640,7 +662,11 @@ class Core:
         if node is None:
             return []
         node.removed = True
-        return self._take_down(ev.node, "failed", ev.reason or "removed", ev.at) if node.state != "failed" else []
+        commands = self._take_down(ev.node, "failed", ev.reason or "removed", ev.at) if node.state != "failed" else []
+        if ev.forget:  # attempts keep the node's id as history; nothing looks the node up by it any more
+            del self.nodes[ev.node]
+            self.breaker_watch.discard(ev.node)
+        return commands
 
     def _take_down(self, node_id: str, state: str, reason: str, at: int) -> list[Command]:
         """The node is gone: its attempts are lost. Migratable ones, and ones that never started, go elsewhere

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, ValidationError, field_validator,
+                      model_validator)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from yaml.constructor import SafeConstructor
 
 from protocols import is_valid_id
@@ -43,9 +45,12 @@ class _Model(BaseModel):
 class Selector(_Model):
     """Which nodes qualify: all given labels equal, the profile (if given), every capability present."""
 
-    labels: dict[str, str] = Field(default_factory=dict)
-    profile: str | None = None
-    capabilities: list[str] = Field(default_factory=list)
+    labels: dict[str, str] = Field(default_factory=dict,
+                                   description="labels the node must carry, each with exactly this value")
+    profile: str | None = Field(None, description="the node's firmware profile must be this one")
+    capabilities: list[str] = Field(default_factory=list,
+                                    description="capabilities the node must offer (its profile's, such as gpio, "
+                                                "and its enabled executors, such as shell)")
     nodes: list[str] = Field(default_factory=list, description="explicit node ids (any of them)")
 
     def matches(self, node_id: str, labels: dict[str, str], profile: str, caps: set[str] | frozenset[str]) -> bool:
@@ -56,25 +61,26 @@ class Selector(_Model):
 
 
 class Placement(_Model):
-    selector: Selector = Field(default_factory=Selector)
-    strategy: Literal["spread", "bin-pack"] = "spread"
+    selector: Selector = Field(default_factory=Selector, description="which nodes may run the step")
+    strategy: Literal["spread", "bin-pack"] = Field(
+        "spread", description="spread: the least loaded fitting node; bin-pack: the most loaded one that still fits")
     affinity: str | None = Field(None, description="run on the node that ran this step")
     anti_affinity: list[str] = Field(default_factory=list, description="avoid the nodes that ran these steps")
-    priority: int = 0
+    priority: int = Field(0, description="added to the workflow's priority; higher is placed first")
 
 
 class Resources(_Model):
-    cores: float = Field(0.0, ge=0)
-    memory_mb: float = Field(0.0, ge=0)
-    disk_gb: float = Field(0.0, ge=0)
+    cores: float = Field(0.0, ge=0, description="CPU cores the step holds on its node while it runs")
+    memory_mb: float = Field(0.0, ge=0, description="memory in MB the step holds while it runs")
+    disk_gb: float = Field(0.0, ge=0, description="disk in GB the step holds while it runs")
 
 
 class Retry(_Model):
-    max_attempts: int = Field(3, ge=1, le=100)
+    max_attempts: int = Field(3, ge=1, le=100, description="attempts in all, the first included (1: no retry)")
     initial: float = Field(5.0, gt=0, description="seconds before the first retry")
-    multiplier: float = Field(2.0, ge=1)
+    multiplier: float = Field(2.0, ge=1, description="each retry waits this many times longer than the one before")
     max: float = Field(300.0, gt=0, description="cap on the delay, seconds")
-    jitter: float = Field(0.2, ge=0, le=1)
+    jitter: float = Field(0.2, ge=0, le=1, description="each delay varies by up to this fraction either way")
 
     def delay(self, failures: int, unit: float) -> float:
         """Delay after `failures` failures; `unit` in [0, 1) is the deterministic jitter draw."""
@@ -83,27 +89,29 @@ class Retry(_Model):
 
 
 class Compensation(_Model):
-    uses: str
-    with_: dict[str, Any] = Field(default_factory=dict, alias="with")
-    timeout: float = Field(300.0, gt=0)
+    uses: str = Field(description="executor that undoes the step")
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with", description="the executor's arguments")
+    timeout: float = Field(300.0, gt=0, description="seconds per attempt")
 
 
 class Step(_Model):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    id: str = Field(pattern=STEP_ID)
-    uses: str
-    with_: dict[str, Any] = Field(default_factory=dict, alias="with")
-    needs: list[str] = Field(default_factory=list)
+    id: str = Field(pattern=STEP_ID, description="unique within the workflow: letters, digits, _ and -")
+    uses: str = Field(description="executor: noop, sleep, echo, fail, shell, python, or one a node offers")
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with",
+                                  description="the executor's arguments, sent to the node as they are")
+    needs: list[str] = Field(default_factory=list, description="steps that must finish before this one starts")
     join: Literal["all", "any"] = Field("all", description="all: every need succeeded; any: at least one did")
-    when: str | None = None
-    placement: Placement = Field(default_factory=Placement)
-    resources: Resources = Field(default_factory=Resources)
+    when: str | None = Field(None, description="condition over inputs and earlier outputs; false skips the step")
+    placement: Placement = Field(default_factory=Placement, description="where the step may run")
+    resources: Resources = Field(default_factory=Resources, description="what the step holds on its node")
     timeout: float = Field(300.0, gt=0, description="seconds per attempt")
-    retry: Retry = Field(default_factory=Retry)
-    migratable: bool = False
-    compensate: Compensation | None = None
-    for_each: Selector | None = None
+    retry: Retry = Field(default_factory=Retry, description="attempts and backoff after a failure")
+    migratable: bool = Field(False, description="may move to another node while running (it can start over)")
+    compensate: Compensation | None = Field(None, description="what undoes this step if a later step fails (saga)")
+    for_each: Selector | None = Field(None, description="one instance of the step on every online node matching "
+                                                        "this selector")
 
     @field_validator("when")
     @classmethod
@@ -117,19 +125,20 @@ class Step(_Model):
 
 
 class Input(_Model):
-    type: Literal["string", "number", "integer", "boolean", "object", "array"] = "string"
-    default: Any = None
-    required: bool = False
+    type: Literal["string", "number", "integer", "boolean", "object", "array"] = Field(
+        "string", description="JSON type the value must have")
+    default: Any = Field(None, description="value when the run gives none")
+    required: bool = Field(False, description="a run must give a value")
 
 
 class Workflow(_Model):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    version: str = "0.1.0"
-    description: str = ""
-    inputs: dict[str, Input] = Field(default_factory=dict)
-    steps: list[Step] = Field(min_length=1)
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="letters, digits, _, . and -")
+    version: str = Field("0.1.0", description="semantic version, MAJOR.MINOR.PATCH")
+    description: str = Field("", description="free text for people")
+    inputs: dict[str, Input] = Field(default_factory=dict, description="values a run is given, by name")
+    steps: list[Step] = Field(min_length=1, description="the steps; order does not matter, needs do")
     timeout: float | None = Field(None, gt=0, description="deadline for the whole run, seconds")
-    priority: int = 0
+    priority: int = Field(0, description="higher is placed first (with each step's placement.priority)")
 
     @field_validator("version")
     @classmethod
@@ -138,12 +147,23 @@ class Workflow(_Model):
             raise ValueError(f"version {value!r} is not semantic (MAJOR.MINOR.PATCH)")
         return value
 
-    @model_validator(mode="after")
-    def _graph(self) -> Workflow:
-        problems = graph_problems(self)
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+    @model_validator(mode="wrap")
+    @classmethod
+    def _graph(cls, data: Any, handler: ModelWrapValidatorHandler[Workflow]) -> Workflow:
+        """References, duplicates and cycles, checked on the raw data so they are reported with every other
+        problem of the file at once (an after-validator runs only when all fields are valid)."""
+        graph = [InitErrorDetails(type=PydanticCustomError("graph", "{message}", {"message": message}), loc=loc,
+                                  input=None) for loc, message in graph_problems(data)]
+        try:
+            workflow = handler(data)
+        except ValidationError as exc:
+            if not graph:
+                raise
+            # errors() gives each error's type, loc, input and ctx: all that InitErrorDetails needs to rebuild it.
+            raise ValidationError.from_exception_data(cls.__name__, [*exc.errors(), *graph]) from None  # type: ignore[list-item]
+        if graph:
+            raise ValidationError.from_exception_data(cls.__name__, graph)
+        return workflow
 
     def step(self, step_id: str) -> Step:
         for step in self.steps:
@@ -156,8 +176,8 @@ class Workflow(_Model):
         if unknown:
             raise WorkflowError([("inputs", f"unknown input(s): {', '.join(sorted(unknown))}")])
         out = {}
-        types = {"string": str, "number": (int, float), "integer": int, "boolean": bool, "object": dict,
-                 "array": list}
+        types: dict[str, type | tuple[type, ...]] = {"string": str, "number": (int, float), "integer": int,
+                                                     "boolean": bool, "object": dict, "array": list}
         for name, spec in self.inputs.items():
             if name in given:
                 value = given[name]
@@ -172,38 +192,61 @@ class Workflow(_Model):
         return out
 
 
-def graph_problems(workflow: Workflow) -> list[str]:
-    """Unknown references, duplicate ids and cycles (with the loop spelled out)."""
-    problems = []
-    ids = [s.id for s in workflow.steps]
-    known = set(ids)
-    for dup in sorted({i for i in ids if ids.count(i) > 1}):
-        problems.append(f"step id {dup!r} is used twice")
-    for step in workflow.steps:
-        for need in step.needs:
-            if need not in known:
-                problems.append(f"step {step.id!r} needs unknown step {need!r}")
-        if step.placement.affinity and step.placement.affinity not in known:
-            problems.append(f"step {step.id!r}: affinity to unknown step {step.placement.affinity!r}")
-        for other in step.placement.anti_affinity:
-            if other not in known:
-                problems.append(f"step {step.id!r}: anti_affinity to unknown step {other!r}")
-        if step.when:
-            condition = parse_condition(step.when)
-            ancestors = _ancestors(workflow, step.id)
+Loc = tuple[str | int, ...]
+
+
+def _strings(value: Any) -> list[tuple[int, str]]:
+    return [(i, v) for i, v in enumerate(value) if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def graph_problems(data: Any) -> list[tuple[Loc, str]]:
+    """Unknown references, duplicate ids and cycles (with the loop spelled out), each with the location of the
+    reference. Reads the raw mapping and skips what is malformed: the field checks report that."""
+    if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
+        return []
+    steps = [(i, s) for i, s in enumerate(data["steps"]) if isinstance(s, dict) and isinstance(s.get("id"), str)]
+    needs = {s["id"]: [n for _, n in _strings(s.get("needs"))] for _, s in steps}
+    inputs = set(data["inputs"]) if isinstance(data.get("inputs"), dict) else set()
+    problems: list[tuple[Loc, str]] = []
+    seen: set[str] = set()
+    for i, step in steps:
+        sid = step["id"]
+        if sid in seen:
+            problems.append((("steps", i, "id"), f"step id {sid!r} is used twice"))
+        seen.add(sid)
+        for j, need in _strings(step.get("needs")):
+            if need not in needs:
+                problems.append((("steps", i, "needs", j), f"step {sid!r} needs unknown step {need!r}"))
+        placement: dict[str, Any] = step["placement"] if isinstance(step.get("placement"), dict) else {}
+        affinity = placement.get("affinity")
+        if isinstance(affinity, str) and affinity not in needs:
+            problems.append((("steps", i, "placement", "affinity"),
+                             f"step {sid!r}: affinity to unknown step {affinity!r}"))
+        for j, other in _strings(placement.get("anti_affinity")):
+            if other not in needs:
+                problems.append((("steps", i, "placement", "anti_affinity", j),
+                                 f"step {sid!r}: anti_affinity to unknown step {other!r}"))
+        when = step.get("when")
+        try:
+            condition = parse_condition(when) if isinstance(when, str) else None
+        except ConditionError:
+            condition = None  # the field check reports it
+        if condition is not None:
+            ancestors = _ancestors(needs, sid)
             for ref in sorted(condition.step_refs - ancestors):
-                problems.append(f"step {step.id!r}: condition reads steps.{ref}, which is not among its needs "
-                                f"(direct or indirect)")
-            for ref in sorted(condition.input_refs - set(workflow.inputs)):
-                problems.append(f"step {step.id!r}: condition reads inputs.{ref}, which is not declared")
-    cycle = find_cycle(workflow)
+                problems.append((("steps", i, "when"), f"step {sid!r}: condition reads steps.{ref}, which is not "
+                                                       f"among its needs (direct or indirect)"))
+            for ref in sorted(condition.input_refs - inputs):
+                problems.append((("steps", i, "when"),
+                                 f"step {sid!r}: condition reads inputs.{ref}, which is not declared"))
+    cycle = find_cycle(needs)
     if cycle:
-        problems.append("steps form a cycle: " + " -> ".join(cycle))
+        first = next(i for i, s in steps if s["id"] == cycle[0])
+        problems.append((("steps", first, "needs"), "steps form a cycle: " + " -> ".join(cycle)))
     return problems
 
 
-def _ancestors(workflow: Workflow, step_id: str) -> set[str]:
-    needs = {s.id: s.needs for s in workflow.steps}
+def _ancestors(needs: dict[str, list[str]], step_id: str) -> set[str]:
     seen: set[str] = set()
     stack = list(needs.get(step_id, []))
     while stack:
@@ -214,9 +257,9 @@ def _ancestors(workflow: Workflow, step_id: str) -> set[str]:
     return seen
 
 
-def find_cycle(workflow: Workflow) -> list[str] | None:
-    """The first cycle of needs, spelled out; iterative, as a chain of a thousand steps is a legal workflow."""
-    needs = {s.id: list(s.needs) for s in workflow.steps}
+def find_cycle(needs: dict[str, list[str]]) -> list[str] | None:
+    """The first cycle of needs (step id -> the ids it needs), spelled out; iterative, as a chain of a thousand
+    steps is a legal workflow."""
     state: dict[str, int] = {}  # 1: on the current path, 2: finished
     for start in needs:
         if start in state:
@@ -263,27 +306,30 @@ def topological_order(workflow: Workflow) -> list[str]:
 # Loading YAML with line numbers.
 
 
-def _locate(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
-    """Follow a pydantic error location through the composed YAML tree; returns a 1-based line."""
+def line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """Follow a location (a pydantic error's, or a path such as ("steps", 2, "uses")) through the composed YAML
+    tree; returns a 1-based line: the deepest part that exists, so a missing key points at its parent."""
     line = node.start_mark.line + 1 if node is not None else None
     for part in loc:
         if isinstance(node, yaml.MappingNode):
-            match = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
-            if match is None:
-                key = next((k for k, v in node.value if getattr(k, "value", None) == part), None)
-                return key.start_mark.line + 1 if key is not None else line
-            node = match
+            pair = next(((k, v) for k, v in node.value if getattr(k, "value", None) == part), None)
+            if pair is None:
+                break
+            # The key's line: a block value starts on the line after it, and the key is what a person looks for.
+            line, node = pair[0].start_mark.line + 1, pair[1]
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
             node = node.value[part]
+            line = node.start_mark.line + 1
         else:
             break
-        line = node.start_mark.line + 1
     return line
 
 
+NOT_A_WORKFLOW = "a workflow file must be a YAML mapping (name, version, steps, ...)"
+
+
 def load_workflow_text(text: str, source: str = "<workflow>", limits: Limits = DEFAULT_LIMITS) -> Workflow:
-    return load_model_text(Workflow, text, source, "a workflow file must be a YAML mapping (name, version, steps, ...)",
-                           limits)
+    return load_model_text(Workflow, text, source, NOT_A_WORKFLOW, limits)
 
 
 def _refuse(problem: Problem | None) -> None:
@@ -291,13 +337,13 @@ def _refuse(problem: Problem | None) -> None:
         raise WorkflowError([problem])
 
 
-def load_model_text(model: type[_M], text: str, source: str, not_a_mapping: str,
-                    limits: Limits = DEFAULT_LIMITS) -> _M:
-    """Parse and validate YAML within `limits` (see limits.py: each stage is bounded before it runs).
+def parse_yaml(text: str, source: str, limits: Limits = DEFAULT_LIMITS, workflow: bool = False
+               ) -> tuple[Any, yaml.Node | None]:
+    """The data of a YAML document and its composed tree (for lines), parsed within `limits` (see limits.py: each
+    stage is bounded before it runs). `workflow` also counts the root mapping's `steps`.
 
     CPU-bound for up to a second on a large document: callers on the hub's event loop run it in a thread.
     """
-    workflow = issubclass(model, Workflow)
     _refuse(text_problem(text, source, limits))
     try:
         _refuse(event_problem(text, source, limits, workflow))
@@ -309,9 +355,22 @@ def load_model_text(model: type[_M], text: str, source: str, not_a_mapping: str,
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source
         raise WorkflowError([(where, f"not valid YAML: {getattr(exc, 'problem', None) or exc}")]) from None
+    return data, tree
+
+
+def load_model_text(model: type[_M], text: str, source: str, not_a_mapping: str,
+                    limits: Limits = DEFAULT_LIMITS) -> _M:
+    """Parse and validate YAML within `limits`; every problem is reported at once, with its line."""
+    return load_model_tree(model, text, source, not_a_mapping, limits)[0]
+
+
+def load_model_tree(model: type[_M], text: str, source: str, not_a_mapping: str,
+                    limits: Limits = DEFAULT_LIMITS) -> tuple[_M, yaml.Node | None]:
+    """As `load_model_text`, also returning the YAML tree, so later checks can name lines (`line_of`)."""
+    data, tree = parse_yaml(text, source, limits, issubclass(model, Workflow))
     if not isinstance(data, dict):
         raise WorkflowError([(source, not_a_mapping)])
-    return model_from_data(model, data, source, tree)
+    return model_from_data(model, data, source, tree), tree
 
 
 def workflow_from_data(data: Any, source: str = "<workflow>", tree: yaml.Node | None = None) -> Workflow:
@@ -330,14 +389,15 @@ def model_from_data(model: type[_M], data: Any, source: str, tree: yaml.Node | N
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems = []
+        located = []
         for error in exc.errors():
             loc = tuple(error["loc"])
-            line = _locate(tree, loc)
+            line = line_of(tree, loc)
             path = ".".join(str(p) for p in loc) or "workflow"
             message = error["msg"].removeprefix("Value error, ")
-            problems.append((f"{source}:{line}" if line else source, f"{path}: {message}"))
-        raise WorkflowError(problems) from None
+            located.append((line or 0, f"{source}:{line}" if line else source, f"{path}: {message}"))
+        # Every problem at once, in the order of the file.
+        raise WorkflowError([(where, what) for _, where, what in sorted(located, key=lambda p: p[0])]) from None
     except ConditionError as exc:
         raise WorkflowError([(source, str(exc))]) from None
 
@@ -360,6 +420,11 @@ def read_bounded(path: Path, limits: Limits = DEFAULT_LIMITS) -> str:
 
 def load_workflow(path: Path, limits: Limits = DEFAULT_LIMITS) -> Workflow:
     return load_workflow_text(read_bounded(path, limits), str(path), limits)
+
+
+def load_workflow_tree(path: Path, limits: Limits = DEFAULT_LIMITS) -> tuple[Workflow, yaml.Node | None]:
+    """A workflow file and its YAML tree, for checks that report lines (`fleetflow validate`)."""
+    return load_model_tree(Workflow, read_bounded(path, limits), str(path), NOT_A_WORKFLOW, limits)
 
 
 def instance_id(step_id: str, node_id: str) -> str:

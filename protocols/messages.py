@@ -512,8 +512,11 @@ class HubState(Body):
     TYPE: ClassVar[str] = "hub_state"
     KIND: ClassVar[str] = "state"
     online: bool = wire(BOOL)
-    key: bytes = wire(KEY32)
+    key: bytes = wire(KEY32)  # the key this state is signed with: the one the hub signs everything with now
     version: str = wire(TEXT, default="")
+    # A key rotation under way (docs/protocol.md 7.2): the key the hub will sign with after the overlap. A node
+    # trusts it only because a key it already trusts signed this announcement.
+    next_key: bytes | None = wire(KEY32, default=None)
 
 
 BODY_TYPES: Final[dict[str, type[Body]]] = {

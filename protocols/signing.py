@@ -46,6 +46,13 @@ class Signer:
     def new_boot(self, boot: int) -> None:
         self.boot, self.seq = boot, 0
 
+    def use_key(self, key: nacl.signing.SigningKey) -> None:
+        """Sign with another key from the next message on (a hub key rotation). Boot and seq go on: receivers keep
+        one replay window per sender id, whatever key it signs with."""
+        self.key = key
+        self.public_key = bytes(key.verify_key)
+        self.kid = envelope.kid_for(self.public_key)
+
     def _topic(self, body: Body, dst: str | None) -> str:
         if body.KIND == "state":
             return Topic.hub_state(self.fleet).value
@@ -230,6 +237,23 @@ class Receiver:
         if message.header.fleet != self.fleet:
             raise WrongTopic(f"enroll for fleet {message.header.fleet!r}, this receiver serves {self.fleet!r}")
         return message
+
+    def open_hub_state(self, topic: str, data: bytes) -> tuple[Message, bytes]:
+        """A hub state, verified with whichever trusted key of the hub signed it (during a key rotation a node trusts
+        the current key and the announced next one). Returns the message and that key. Not replay-checked: the
+        retained state is delivered again on every subscribe."""
+        parsed = envelope.parse(data, self.max_size)
+        trusted = self.keyring.get(parsed.kid)
+        if trusted is None:
+            raise UnknownKey(f"no trusted key has kid {parsed.kid.hex()}")
+        if trusted.owner != HUB_ID:
+            raise WrongSender(f"key {parsed.kid.hex()} belongs to {trusted.owner!r}, not to the hub")
+        message = _verify_and_decode(parsed, topic, trusted.verify_key)
+        if not isinstance(message.body, HubState) or message.header.src != HUB_ID:
+            raise WrongTopic(f"a {message.header.type} from {message.header.src!r} is not a hub state")
+        if message.header.fleet != self.fleet:
+            raise WrongTopic(f"hub state for fleet {message.header.fleet!r}, this receiver serves {self.fleet!r}")
+        return message, trusted.public_key
 
     def hub_key_from_state(self, topic: str, data: bytes) -> bytes:
         """For trust on first use: the key a self-signed hub state names, once its signature checks out."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -83,47 +83,78 @@ def sim(broker: str = typer.Option(..., help="mqtt://HOST:PORT of the fleet's br
     raise typer.Exit(asyncio.run(simulation.run(report)))
 
 
+def _schema() -> Any:
+    """sim/profiles.py, the full schema (pydantic), comes with the hub extra. Without it, as on a device, the profile
+    commands read the files as the agent does (agent/profiles.py): the same files, fewer checks."""
+    try:
+        from . import profiles
+    except ModuleNotFoundError as exc:
+        from agent.extras import missing_extra
+
+        if missing_extra(exc) is None:
+            raise
+        return None
+    return profiles
+
+
+def _as_agent_reads(path: Path) -> dict[str, Any]:
+    from agent.profiles import parse_profile
+
+    p = parse_profile(path)
+    return {"name": p.name, "description": p.description, "capabilities": list(p.capabilities),
+            "max_concurrent": p.max_concurrent, "labels": p.labels, "resources": p.resources(),
+            "intervals": {"heartbeat_s": p.heartbeat_s, "telemetry_s": p.telemetry_s}, "thresholds": p.thresholds,
+            "sim": p.sim}
+
+
+def _all_profiles() -> dict[str, dict[str, Any]]:
+    schema = _schema()
+    if schema is not None:
+        return {name: p.model_dump() for name, p in schema.load_all().items()}
+    from agent.profiles import available
+
+    return {name: _as_agent_reads(path) for name, path in sorted(available().items())}
+
+
 @profiles_app.command("list")
 def profiles_list(as_json: bool = typer.Option(False, "--json")) -> None:
     """Every known device class."""
-    from .profiles import load_all
-
-    profiles = load_all()
+    profiles = _all_profiles()
     if as_json:
-        typer.echo(json.dumps([p.model_dump() for p in profiles.values()]))
+        typer.echo(json.dumps(list(profiles.values())))
         return
     for p in profiles.values():
-        typer.echo(f"{p.name:10s} {p.resources.cores:g} cores, {p.resources.memory_mb:g} MB, "
-                   f"{p.max_concurrent} slots - {p.description}")
+        typer.echo(f"{p['name']:10s} {p['resources']['cores']:g} cores, {p['resources']['memory_mb']:g} MB, "
+                   f"{p['max_concurrent']} slots - {p['description']}")
 
 
 @profiles_app.command("show")
 def profiles_show(name: str) -> None:
     """One device class in full."""
-    from .profiles import load_all
-
-    profiles = load_all()
+    profiles = _all_profiles()
     if name not in profiles:
         typer.echo(f"error: unknown profile {name!r}; known: {', '.join(profiles)}", err=True)
         raise typer.Exit(2)
-    typer.echo(json.dumps(profiles[name].model_dump(), indent=2))
+    typer.echo(json.dumps(profiles[name], indent=2))
 
 
 @profiles_app.command("validate")
 def profiles_validate(files: list[Path] = typer.Argument(None, help="Profile files (default: every known one)")
                       ) -> None:
     """Check profile files against the schema."""
-    from agent.profiles import available
+    from agent.profiles import ProfileError, available
 
-    from .profiles import ProfileFileError, parse
-
+    schema = _schema()
+    if schema is None:
+        typer.echo("note: checking as the agent reads profiles; the full schema check needs the hub extra: "
+                   "pip install 'fleetflow[hub]'", err=True)
     paths = files or list(available().values())
     failed = False
     for path in paths:
         try:
-            profile = parse(path)
-            typer.echo(f"{path}: ok ({profile.name})")
-        except ProfileFileError as exc:
+            name = schema.parse(path).name if schema is not None else _as_agent_reads(path)["name"]
+            typer.echo(f"{path}: ok ({name})")
+        except (ValueError, ProfileError) as exc:  # the schema's ProfileFileError is a ValueError
             typer.echo(f"error: {exc}", err=True)
             failed = True
     if failed:

@@ -14,6 +14,10 @@ export PATH="$PATH:/usr/sbin"
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[all]"
+# The agent's dependencies as wheels (the network is allowed here, in the install step): the agent-only install test
+# (tests/system/test_install.py) installs from them with --no-index, as a device without internet does.
+.venv/bin/python -m pip wheel -q --disable-pip-version-check -w .wheelhouse -r <(.venv/bin/python -c \
+  'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
 
 set +e
 .venv/bin/python -m pytest "$@"

@@ -100,6 +100,10 @@ def valid_vectors() -> list[dict[str, Any]]:
     state = hub.seal(HubState(True, bytes(HUB_KEY.verify_key), "0.1.0"), T0)
     out.append(vector("valid-hub_state", state.topic, HUB_KEY, state.payload, "valid", True,
                       cbor.loads(cbor2.loads(state.payload).value[2])))
+    rotating = hub.seal(HubState(True, bytes(HUB_KEY.verify_key), "0.1.0", bytes(OTHER_KEY.verify_key)), T0 + 1)
+    out.append(vector("valid-hub_state-next_key", rotating.topic, HUB_KEY, rotating.payload, "valid", True,
+                      cbor.loads(cbor2.loads(rotating.payload).value[2]),
+                      "a key rotation under way (section 7.2): signed by the current key, announcing next_key"))
     return out
 
 

@@ -49,10 +49,11 @@ def test_results_survive_broker_outage_and_kill9(broker: Broker, tmp_path: Path)
         try:
             await wait_until(lambda: outbox_results(data) == 3, 15, "three results on disk")
             agent.kill()  # kill -9 with the results only on disk
-            agent.start()  # restarts while the broker is still down
-            await asyncio.sleep(1.0)
+            agent.start()  # restarts while the broker is still down: its first connection fails, so it exits (1)
+            assert await agent.wait_exit(30) == 1
         finally:
             broker.start()
+        agent.start()  # as a service manager's Restart= does
         async with HubDouble(broker, "f-outage", key=hub.key, boot=2) as hub2:
             hub2.receiver.keyring = keyring
             try:

@@ -1,0 +1,125 @@
+"""Hub settings from three sources, flags over environment (`FLEETFLOW_*`) over a TOML file, layered and parsed by
+the same code as the agent's (`agent.config.layer_settings`). Every error names the setting and where its value came
+from; every setting of `fleetflow hub run` has one name in all three: `--max-pending`, `FLEETFLOW_MAX_PENDING`,
+`max_pending = ...`. Secrets (`password`, `enroll_token`) come only from the environment or the file.
+
+    broker = "mqtts://broker.plant1.example:8883"
+    fleet = "plant-1"
+    data = "/var/lib/fleetflow-hub"
+    api = "127.0.0.1:8470"
+    ca_file = "/etc/fleetflow/ca.pem"
+    username = "hub"
+    policy = "/etc/fleetflow/policy.yaml"
+    max_workflow_steps = 1000
+
+`hub/install/hub.toml.example` lists every setting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent.config import (ConfigError, Parser, SettingsSpec, _bool, _broker, _id, _path, _positive_int, _text,
+                          int_between, layer_settings, read_secret_file)
+
+from .limits import DEFAULT_LIMITS, MAX_DEPTH, Limits
+from .registry import DEFAULT_MAX_PENDING, DEFAULT_TOKEN_USES
+
+if TYPE_CHECKING:
+    from .health import Policy
+    from .service import HubConfig
+
+__all__ = ["ConfigError", "HubSettings", "HUB_SETTINGS", "load_hub_settings"]
+
+# A proof sniffed off the wire lets anyone try tokens offline, as fast as HMAC runs: only a long random token keeps
+# that hopeless.
+MIN_ENROLL_TOKEN = 16
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_API = ("127.0.0.1", 8470)
+
+
+def _api(value: Any, where: str) -> tuple[str, int]:
+    host, sep, port = _text(value, where).rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{where}: {value!r}: expected HOST:PORT (port 0: any free port)")
+    return host.strip("[]"), int(port)
+
+
+def _enroll_token(value: Any, where: str) -> str:
+    token = _text(value, where)
+    if len(token) < MIN_ENROLL_TOKEN:
+        raise ConfigError(f"{where}: the enroll token has {len(token)} characters; use at least {MIN_ENROLL_TOKEN} "
+                          f"random ones (e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    return token
+
+
+def _enroll_token_file(value: Any, where: str) -> str:
+    return _enroll_token(read_secret_file(_text(value, where), where), where)
+
+
+def _log_level(value: Any, where: str) -> str:
+    level = _text(value, where).lower()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"{where}: {value!r}: use one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+PARSERS: dict[str, Parser] = {
+    "broker": _broker, "fleet": _id, "data": _path, "api": _api, "auto_accept": _bool, "embedded_broker": _bool,
+    "enroll_token": _enroll_token, "enroll_token_file": _enroll_token_file, "enroll_token_uses": _positive_int,
+    "max_pending": _positive_int, "username": _text, "password": _text, "ca_file": _text, "cert_file": _text,
+    "key_file": _text, "policy": _path, "max_request_bytes": _positive_int, "max_workflow_bytes": _positive_int,
+    "max_workflow_steps": _positive_int, "max_workflow_depth": int_between(1, MAX_DEPTH),
+    "max_workflow_aliases": int_between(0), "max_workflow_nodes": _positive_int, "log_level": _log_level,
+}
+HUB_SETTINGS = SettingsSpec(
+    PARSERS, required=("broker", "fleet", "data"),
+    secret_sources={"password": "FLEETFLOW_PASSWORD or the config file",
+                    "enroll_token": "FLEETFLOW_ENROLL_TOKEN or --enroll-token-file FILE (a file only you can read)"},
+    from_file={"enroll_token_file": "enroll_token"})
+# Each limit's setting (the `hub run` option without its dashes) and its field in `Limits`.
+LIMIT_SETTINGS = {"max_request_bytes": "request_bytes", "max_workflow_bytes": "workflow_bytes",
+                  "max_workflow_steps": "steps", "max_workflow_depth": "depth", "max_workflow_aliases": "aliases",
+                  "max_workflow_nodes": "nodes"}
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    """Everything `fleetflow hub run` is told; `hub_config` turns it into what the hub process runs with."""
+
+    broker: str
+    fleet: str
+    data: Path
+    api: tuple[str, int] = DEFAULT_API
+    auto_accept: bool = False
+    embedded_broker: bool = False
+    enroll_token: str | None = None
+    enroll_token_uses: int = DEFAULT_TOKEN_USES
+    max_pending: int = DEFAULT_MAX_PENDING
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    policy: Path | None = None
+    limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
+    log_level: str = "info"
+
+    def hub_config(self, policy: Policy) -> HubConfig:
+        from .service import HubConfig
+
+        host, port = self.api
+        return HubConfig(self.broker, self.fleet, self.data, host, port, self.auto_accept, self.enroll_token,
+                         self.enroll_token_uses, self.max_pending, self.username, self.password, self.ca_file,
+                         cert_file=self.cert_file, key_file=self.key_file, policy=policy, limits=self.limits)
+
+
+def load_hub_settings(flags: Mapping[str, Any], config_file: Path | None = None,
+                      env: Mapping[str, str] | None = None) -> HubSettings:
+    """Merge flags > environment (`FLEETFLOW_*`, and `FLEETFLOW_CONFIG` for the file) > file; raises ConfigError."""
+    values = layer_settings(HUB_SETTINGS, flags, config_file, env)
+    limits = Limits(**{LIMIT_SETTINGS[name]: values.pop(name) for name in list(values) if name in LIMIT_SETTINGS})
+    return HubSettings(**values, limits=limits)

@@ -1,0 +1,145 @@
+"""Operator actions on nodes, behind the hub's API: accept (one node, or every pending request), reject, revoke, drain,
+add (pre-register, or re-key a revoked node), delete.
+
+The registry (hub/registry.py) holds the rules; this applies their effects to the running hub: the keys its receiver
+trusts, the replay state a new key resets, the node's record in the core, and the answer an agent waits for.
+
+Re-keying: `nodes revoke ID`, a new key on the device, `nodes add ID NEWKEY`. The device behind the new key may be a
+fresh install whose boot counter starts again at 1, which the replay window kept for the old key would refuse for
+ever; so a key the replay state was not built with gets a fresh window, made durable before the key is trusted. The
+same key coming back (delete, then accept it again) keeps its window: whatever was captured under it stays refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from agent.telemetry import now_ms
+from protocols import Ack, Drain, ProtocolError, ReplayWindow, kid_for
+
+from .events import NodeDrainSet, NodeRemoved
+from .journal import Journal
+from .registry import KeyTaken, NoSuchNode, Registry, RegistryError
+
+if TYPE_CHECKING:
+    from .service import Hub
+
+log = logging.getLogger("fleetflow.hub")
+
+
+def reset_stale_windows(registry: Registry, journal: Journal, windows: dict[str, ReplayWindow]) -> None:
+    """At start: an id accepted with a key its replay state was not reset for (the hub stopped between an operator's
+    add and the reset) gets its fresh window now."""
+    for node_id in registry.stale_replay():
+        windows[node_id] = ReplayWindow()
+        journal.append_now([], {node_id: windows[node_id].mark()})
+        registry.trusted(node_id)
+    registry.flush()
+
+
+class NodeAdmin:
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    def trust(self, node_id: str, key: bytes) -> bool:
+        """Trust a node's accepted key (the registry holds it). True if the node's replay window was reset for it
+        (a new key): the caller makes the fresh mark durable before anything the node sends is acted on."""
+        hub = self.hub
+        fresh = hub.registry.fresh_key(node_id)
+        if fresh:
+            hub.receiver.windows[node_id] = ReplayWindow()
+            log.info("node %s: new key kid %s, so its replay state starts afresh (its boots may count from 1 again)",
+                     node_id, kid_for(key).hex())
+        hub.registry.trusted(node_id)
+        hub.receiver.keyring.add(node_id, key)
+        return fresh
+
+    async def _trust_now(self, node_id: str, doc: dict[str, Any], why: str, answer: bool = True) -> None:
+        """An operator's accept or add: durable fresh window (if the key is new), trust, and (an accept) answer the
+        request the node is waiting on. An add answers nothing: no request of that key may be waiting, and the node
+        hears `accepted` when it next asks or simply sends."""
+        hub = self.hub
+        key = bytes.fromhex(doc["key"])
+        if hub.registry.fresh_key(node_id):
+            await hub.journal.append([], {node_id: ReplayWindow().mark()})
+        self.trust(node_id, key)
+        hub.registry.flush()
+        log.info("node %s %s (kid %s)", node_id, why, doc["kid"])
+        if answer:
+            await hub._command(node_id, Ack((), "accepted", kid_for(key)))
+
+    async def action(self, node_id: str, action: str, on: bool = True, kid: str | None = None) -> dict[str, Any]:
+        """`accept` needs `kid`: the fingerprint of the key the operator reviewed (or that key in hex), so a request
+        whose key changed after the review is not accepted with the new key."""
+        from .service import OperatorError
+
+        hub, at = self.hub, now_ms()
+        try:
+            if action == "drain":
+                if node_id not in hub.core.nodes:
+                    raise OperatorError(f"no node {node_id!r} has announced itself", 404)
+                await hub.request([NodeDrainSet(at, node_id, on)])
+                await hub._command(node_id, Drain(on))
+                return {"id": node_id, "draining": on}
+            if action == "accept":
+                if not kid:
+                    raise OperatorError("name the key you reviewed: its kid (nodes show ID prints it)", 422)
+                doc = hub.registry.accept(node_id, kid, at)
+            else:
+                doc = hub.registry.set_state(node_id, {"reject": "rejected", "revoke": "revoked"}[action], at)
+        except NoSuchNode as exc:
+            raise OperatorError(str(exc), 404) from None
+        except RegistryError as exc:
+            raise OperatorError(str(exc), 409) from None
+        if doc["state"] == "accepted":
+            await self._trust_now(node_id, doc, "accepted by an operator")
+        else:
+            log.warning("node %s %s by an operator (kid %s): its messages are refused from now on", node_id,
+                        doc["state"], doc.get("kid", "-"))
+            hub.receiver.keyring.remove_owner(node_id)
+            if node_id in hub.core.nodes:
+                await hub.request([NodeRemoved(at, node_id, f"{doc['state']} by an operator")])
+        return doc
+
+    async def accept_all(self) -> list[dict[str, Any]]:
+        """Accept every pending request, each with the key it asks with at this moment (all in one registry write,
+        so no request can change keys in between). Rejected and revoked nodes are not pending: never accepted."""
+        accepted = self.hub.registry.accept_pending(now_ms())
+        for doc in accepted:
+            await self._trust_now(doc["id"], doc, "accepted by an operator (nodes accept --all)")
+        return accepted
+
+    async def add(self, node_id: str, key: bytes) -> dict[str, Any]:
+        from .service import OperatorError
+
+        try:
+            doc = self.hub.registry.add(node_id, key, now_ms())
+        except KeyTaken as exc:
+            raise OperatorError(str(exc), 409) from None
+        except (RegistryError, ProtocolError) as exc:  # a bad id or key, or the reserved id
+            raise OperatorError(str(exc), 422) from None
+        await self._trust_now(node_id, doc, "added by an operator: accepted when it asks or sends", answer=False)
+        return doc
+
+    async def delete(self, node_id: str, force: bool) -> dict[str, Any]:
+        """Forget a node: its enrollment, its key, its record in the core. Refused while it is online or suspected
+        unless forced: its agent would go on running, every message refused, until someone stops it."""
+        from .service import OperatorError
+
+        hub = self.hub
+        doc, known = hub.registry.get(node_id), hub.core.nodes.get(node_id)
+        if doc is None and known is None:
+            raise OperatorError(f"no node {node_id!r} is enrolled or known", 404)
+        if known is not None and known.state in ("online", "suspected") and not force:
+            raise OperatorError(f"node {node_id} is {known.state}: stop its agent first, or delete it with --force "
+                                f"(its messages are refused from then on and its work moves)", 409)
+        hub.receiver.keyring.remove_owner(node_id)
+        if doc is not None:
+            hub.registry.delete(node_id)
+        if known is not None:
+            await hub.request([NodeRemoved(now_ms(), node_id, "deleted by an operator", forget=True)])
+        hub.views.pop(node_id, None)
+        hub.tracker.nodes.pop(node_id, None)
+        log.info("node %s deleted by an operator%s", node_id, f" (kid {doc['kid']})" if doc else "")
+        return {"id": node_id, "state": "deleted", "kid": doc["kid"] if doc else None}
