@@ -15,6 +15,7 @@ import typer
 
 from .client import _meta, fail, refuse_secret_flag
 from .keys import DEFAULT_KEY_OVERLAP, DEFAULT_TOKEN_OVERLAP
+from .config import DEFAULT_MIRROR_INTERVAL_S, DEFAULT_NODE_METRICS_MAX
 from .limits import DEFAULT_LIMITS, MAX_DEPTH
 from .registry import DEFAULT_MAX_PENDING, DEFAULT_TOKEN_USES
 
@@ -81,7 +82,39 @@ def hub_run(broker: Optional[str] = typer.Option(
                 None, "--max-workflow-nodes", help=f"Most values in a workflow or its inputs, YAML aliases expanded "
                 f"(default: {DEFAULT_LIMITS.nodes}) [FLEETFLOW_MAX_WORKFLOW_NODES]"),
             log_level: Optional[str] = typer.Option(None, "--log-level", help="debug, info, warning or error "
-                                                                              "(default: info) [FLEETFLOW_LOG_LEVEL]")
+                                                                              "(default: info) [FLEETFLOW_LOG_LEVEL]"),
+            json_mirror: Optional[bool] = typer.Option(
+                None, "--json-mirror", help="Publish retained, unauthenticated JSON copies of each node's state and "
+                                            "telemetry under fleetflow/v1/FLEET/json/ (docs/integrations.md) "
+                                            "[FLEETFLOW_JSON_MIRROR]"),
+            json_mirror_interval: Optional[float] = typer.Option(
+                None, "--json-mirror-interval", help=f"Seconds between two JSON mirror updates of one node's topic, at "
+                f"least (default: {DEFAULT_MIRROR_INTERVAL_S:g}) [FLEETFLOW_JSON_MIRROR_INTERVAL]"),
+            node_metrics: Optional[bool] = typer.Option(
+                None, "--node-metrics", help="Export each node's latest CPU, memory, disk and temperature on /metrics "
+                                             "[FLEETFLOW_NODE_METRICS]"),
+            node_metrics_max: Optional[int] = typer.Option(
+                None, "--node-metrics-max", help=f"At most this many nodes get per-node gauges; the rest are "
+                f"counted in fleetflow_node_metrics_left_out (default: {DEFAULT_NODE_METRICS_MAX}) "
+                f"[FLEETFLOW_NODE_METRICS_MAX]"),
+            sparkplug: Optional[bool] = typer.Option(
+                None, "--sparkplug", help="Be a Sparkplug B 3.0 Edge Node, each node one of its Devices, over an MQTT "
+                                          "session of its own (hub/sparkplug/README.md) [FLEETFLOW_SPARKPLUG]"),
+            sparkplug_group: Optional[str] = typer.Option(
+                None, "--sparkplug-group", metavar="G", help="Sparkplug group id (default: fleetflow) "
+                                                             "[FLEETFLOW_SPARKPLUG_GROUP]"),
+            sparkplug_host: Optional[str] = typer.Option(
+                None, "--sparkplug-host", metavar="HOST_ID", help="Primary host application: births wait for its "
+                "STATE to say online [FLEETFLOW_SPARKPLUG_HOST]"),
+            sparkplug_node_id: Optional[str] = typer.Option(
+                None, "--sparkplug-node-id", metavar="ID", help="Sparkplug edge node id (default: the fleet id) "
+                                                  "[FLEETFLOW_SPARKPLUG_NODE_ID]"),
+            sparkplug_deadband: Optional[str] = typer.Option(
+                None, "--sparkplug-deadband", metavar="METRIC=N,...", help="Change a telemetry metric must exceed to "
+                "be sent again (default: cpu=2,mem=1,disk=1,temp=0.5; 0: every change) [FLEETFLOW_SPARKPLUG_DEADBAND]"),
+            sparkplug_commands: Optional[bool] = typer.Option(
+                None, "--sparkplug-commands", help="Act on DCMD writes of Device Control/Drain (refused otherwise); "
+                "restrict who may publish DCMD with broker ACLs [FLEETFLOW_SPARKPLUG_COMMANDS]")
             ) -> None:
     """Run the hub until SIGTERM or SIGINT. Every setting also comes from FLEETFLOW_<NAME> or the --config file
     (names as the flags, with underscores)."""
@@ -101,7 +134,11 @@ def hub_run(broker: Optional[str] = typer.Option(
              "max_request_bytes": max_request_bytes, "max_workflow_bytes": max_workflow_bytes,
              "max_workflow_steps": max_workflow_steps, "max_workflow_depth": max_workflow_depth,
              "max_workflow_aliases": max_workflow_aliases, "max_workflow_nodes": max_workflow_nodes,
-             "log_level": log_level}
+             "log_level": log_level, "json_mirror": json_mirror, "json_mirror_interval": json_mirror_interval,
+             "node_metrics": node_metrics, "node_metrics_max": node_metrics_max, "sparkplug": sparkplug,
+             "sparkplug_group": sparkplug_group, "sparkplug_host": sparkplug_host,
+             "sparkplug_node_id": sparkplug_node_id, "sparkplug_deadband": sparkplug_deadband,
+             "sparkplug_commands": sparkplug_commands}
     try:
         settings = load_hub_settings({k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()},
                                      config_file)

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.config import (ConfigError, Parser, SettingsSpec, _bool, _broker, _id, _path, _positive_int, _text,
-                          int_between, layer_settings, read_secret_file)
+from agent.config import (ConfigError, Parser, SettingsSpec, _bool, _broker, _id, _path, _positive_float, _positive_int,
+                          _text, int_between, layer_settings, read_secret_file)
 
 from .limits import DEFAULT_LIMITS, MAX_DEPTH, Limits
 from .registry import DEFAULT_MAX_PENDING, DEFAULT_TOKEN_USES
+from .sparkplug.settings import DEFAULT_DEADBAND, DEFAULT_GROUP, SparkplugSettings, check_sparkplug_id, parse_deadband
 
 if TYPE_CHECKING:
     from .health import Policy
@@ -39,6 +40,9 @@ __all__ = ["ConfigError", "HubSettings", "HUB_SETTINGS", "load_hub_settings"]
 MIN_ENROLL_TOKEN = 16
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_API = ("127.0.0.1", 8470)
+DEFAULT_MIRROR_INTERVAL_S = 1.0   # JSON mirror: one update per node and topic per second at most
+MAX_MIRROR_INTERVAL_S = 3600.0
+DEFAULT_NODE_METRICS_MAX = 1000  # nodes with per-node gauges (4 series each) at most
 
 
 def _api(value: Any, where: str) -> tuple[str, int]:
@@ -67,6 +71,27 @@ def _log_level(value: Any, where: str) -> str:
     return level
 
 
+def _mirror_interval(value: Any, where: str) -> float:
+    seconds = _positive_float(value, where)
+    if seconds > MAX_MIRROR_INTERVAL_S:
+        raise ConfigError(f"{where}: at most {MAX_MIRROR_INTERVAL_S:g} seconds, got {value!r}")
+    return seconds
+
+
+def _sparkplug_id(value: Any, where: str) -> str:
+    try:
+        return check_sparkplug_id(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _deadband(value: Any, where: str) -> dict[str, float]:
+    try:
+        return parse_deadband(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 PARSERS: dict[str, Parser] = {
     "broker": _broker, "fleet": _id, "data": _path, "api": _api, "auto_accept": _bool, "embedded_broker": _bool,
     "enroll_token": _enroll_token, "enroll_token_file": _enroll_token_file, "enroll_token_uses": _positive_int,
@@ -74,12 +99,17 @@ PARSERS: dict[str, Parser] = {
     "key_file": _text, "policy": _path, "max_request_bytes": _positive_int, "max_workflow_bytes": _positive_int,
     "max_workflow_steps": _positive_int, "max_workflow_depth": int_between(1, MAX_DEPTH),
     "max_workflow_aliases": int_between(0), "max_workflow_nodes": _positive_int, "log_level": _log_level,
+    "json_mirror": _bool, "json_mirror_interval": _mirror_interval, "node_metrics": _bool,
+    "node_metrics_max": _positive_int,
+    "sparkplug": _bool, "sparkplug_group": _sparkplug_id, "sparkplug_host": _sparkplug_id,
+    "sparkplug_node_id": _sparkplug_id, "sparkplug_deadband": _deadband, "sparkplug_commands": _bool,
 }
 HUB_SETTINGS = SettingsSpec(
     PARSERS, required=("broker", "fleet", "data"),
     secret_sources={"password": "FLEETFLOW_PASSWORD or the config file",
                     "enroll_token": "FLEETFLOW_ENROLL_TOKEN or --enroll-token-file FILE (a file only you can read)"},
-    from_file={"enroll_token_file": "enroll_token"})
+    from_file={"enroll_token_file": "enroll_token"},
+    tables=("sparkplug",))  # [sparkplug] enabled, group, host, ... in a file: the same as sparkplug_group = ...
 # Each limit's setting (the `hub run` option without its dashes) and its field in `Limits`.
 LIMIT_SETTINGS = {"max_request_bytes": "request_bytes", "max_workflow_bytes": "workflow_bytes",
                   "max_workflow_steps": "steps", "max_workflow_depth": "depth", "max_workflow_aliases": "aliases",
@@ -107,14 +137,34 @@ class HubSettings:
     policy: Path | None = None
     limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
     log_level: str = "info"
+    json_mirror: bool = False
+    json_mirror_interval: float = DEFAULT_MIRROR_INTERVAL_S
+    node_metrics: bool = False
+    node_metrics_max: int = DEFAULT_NODE_METRICS_MAX
+    sparkplug: bool = False
+    sparkplug_group: str = DEFAULT_GROUP
+    sparkplug_host: str | None = None
+    sparkplug_node_id: str | None = None     # None: the fleet id
+    sparkplug_deadband: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_DEADBAND))
+    sparkplug_commands: bool = False
 
     def hub_config(self, policy: Policy) -> HubConfig:
+        from .mirror import MirrorSettings
         from .service import HubConfig
 
         host, port = self.api
         return HubConfig(self.broker, self.fleet, self.data, host, port, self.auto_accept, self.enroll_token,
                          self.enroll_token_uses, self.max_pending, self.username, self.password, self.ca_file,
-                         cert_file=self.cert_file, key_file=self.key_file, policy=policy, limits=self.limits)
+                         cert_file=self.cert_file, key_file=self.key_file, policy=policy, limits=self.limits,
+                         json_mirror=MirrorSettings(self.json_mirror_interval) if self.json_mirror else None,
+                         node_metrics=self.node_metrics_max if self.node_metrics else 0,
+                         sparkplug=self.sparkplug_settings())
+
+    def sparkplug_settings(self) -> SparkplugSettings | None:
+        if not self.sparkplug:
+            return None
+        return SparkplugSettings(self.sparkplug_group, self.sparkplug_node_id, self.sparkplug_host,
+                                 self.sparkplug_deadband, self.sparkplug_commands)
 
 
 def load_hub_settings(flags: Mapping[str, Any], config_file: Path | None = None,

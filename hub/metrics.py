@@ -68,6 +68,40 @@ class _StateCollector(Collector):
         yield paused
 
 
+# Telemetry name (as agents report it, agent/telemetry.py) -> per-node gauge.
+NODE_GAUGES = (("cpu", "fleetflow_node_cpu_percent", "CPU use of the node, percent"),
+               ("mem", "fleetflow_node_memory_percent", "Memory in use on the node, percent"),
+               ("disk", "fleetflow_node_disk_percent", "Disk in use on the node, percent"),
+               ("temp", "fleetflow_node_temperature_celsius", "Highest temperature sensor of the node, Celsius"))
+LIVE = ("online", "suspected")
+
+
+class _NodeTelemetryCollector(Collector):
+    """`--node-metrics`: each live node's latest CPU, memory, disk and temperature, read from the hub's views at
+    scrape time. A node id and a profile per series: the cap (`--node-metrics-max`, the first nodes by id, so the set
+    is stable from scrape to scrape) bounds the series a large fleet makes, and the nodes beyond it are counted."""
+
+    def __init__(self, hub: Hub, cap: int) -> None:
+        self.hub, self.cap = hub, cap
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        core, views = self.hub.core, self.hub.views
+        # A failed or offline node's last sample is not its present: it is left out (fleetflow_nodes counts it).
+        live = sorted(n for n, node in core.nodes.items()
+                      if node.state in LIVE and not node.removed and n in views and views[n].telemetry)
+        families = [GaugeMetricFamily(name, text, labels=["node", "profile"]) for _, name, text in NODE_GAUGES]
+        for node_id in live[:self.cap]:
+            telemetry, labels = views[node_id].telemetry, [node_id, core.nodes[node_id].profile]
+            for (metric, _, _), family in zip(NODE_GAUGES, families):
+                if metric in telemetry:
+                    family.add_metric(labels, telemetry[metric])
+        yield from families
+        left_out = GaugeMetricFamily("fleetflow_node_metrics_left_out", "Live nodes with telemetry not exported "
+                                     "per node at this scrape: over --node-metrics-max")
+        left_out.add_metric([], max(0, len(live) - self.cap))
+        yield left_out
+
+
 class HubMetrics:
     def __init__(self, hub: Hub) -> None:
         self.registry = CollectorRegistry()
@@ -94,6 +128,8 @@ class HubMetrics:
                                       "Pending enroll requests dropped, oldest first, to stay under the cap",
                                       registry=self.registry)
         self.registry.register(_StateCollector(hub))
+        if hub.config.node_metrics > 0:
+            self.registry.register(_NodeTelemetryCollector(hub, hub.config.node_metrics))
 
     def count_decision(self, event: Any) -> None:
         self.decisions.labels(event.KIND).inc()

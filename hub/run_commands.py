@@ -72,9 +72,9 @@ def _check(workflow: Path, force: bool) -> None:
             typer.echo(f"{where}: {what}", err=True)
         raise typer.Exit(1)
     for warning in report.warnings:
-        typer.echo(f"{workflow}: warning: {warning}", err=True)
+        typer.echo(report.located(warning, "warning"), err=True)
     for error in report.errors:
-        typer.echo(f"{workflow}: error: {error}", err=True)
+        typer.echo(report.located(error, "error"), err=True)
     if report.errors and not force:
         fail(f"{workflow} not submitted: `fleetflow validate` rejects it (--force submits it anyway)", 1)
     if report.errors:

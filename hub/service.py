@@ -47,9 +47,11 @@ from .journal import Journal, Mark
 from .keys import ApiTokens, HubKeys, ensure_token, follow_rotation
 from .limits import Limits
 from .metrics import HubMetrics
+from .mirror import JsonMirror, MirrorSettings
 from .node_admin import NodeAdmin, reset_stale_windows
 from .registry import DEFAULT_MAX_PENDING, DEFAULT_TOKEN_USES, EnrollPolicy, Registry, token_fingerprint
 from .runnable import workflow_problems
+from .sparkplug import NoBridge, SparkplugSettings, bridge_for
 from .state import Command, Core, SendAssign, SendCancel, SendConfig, SendDrain, compile_workflow
 from .workflow import Workflow, WorkflowError
 
@@ -89,6 +91,9 @@ class HubConfig:
     limits: Limits = field(default_factory=Limits)  # request bodies and workflows (hub/limits.py)
     cert_file: str | None = None  # client certificate and key, for a broker that requires them (mutual TLS)
     key_file: str | None = None
+    sparkplug: SparkplugSettings | None = None  # a Sparkplug B edge node with its own MQTT session (hub/sparkplug/)
+    json_mirror: MirrorSettings | None = None  # retained JSON copies for platforms without COSE (hub/mirror.py)
+    node_metrics: int = 0  # per-node telemetry gauges for at most this many nodes; 0: none (hub/metrics.py)
 
 
 class OperatorError(Exception):
@@ -123,6 +128,8 @@ class NodeView:
 
     heartbeat: Heartbeat | None = None
     telemetry: dict[str, float] = field(default_factory=dict)
+    telemetry_at: int = 0       # when `telemetry` was sampled, ms (0: no sample since the hub started)
+    version: str | None = None  # the agent's version, from its latest birth
 
 
 class Hub:
@@ -156,6 +163,10 @@ class Hub:
                                                     on_backlog=self.intake.note_backlog)
         self.metrics = HubMetrics(self)
         self.views: dict[str, NodeView] = collections.defaultdict(NodeView)
+        self.mirror = JsonMirror(self, config.json_mirror)  # does nothing unless --json-mirror
+        self.sparkplug = bridge_for(self, config.sparkplug)  # a NoBridge, doing nothing, unless --sparkplug
+        # What follows the hub's applied events and verified node messages, on the core loop (never blocking).
+        self.observers: tuple[JsonMirror | NoBridge, ...] = (self.mirror, self.sparkplug)
         self.requests: collections.deque[_Request] = collections.deque()
         self.session: Session | None = None
         self._stop = asyncio.Event()
@@ -241,6 +252,8 @@ class Hub:
             tasks.append(asyncio.create_task(self._core_loop(), name="core"))
             tasks.append(asyncio.create_task(self._monitor_load(), name="load"))
             tasks.append(asyncio.create_task(report_conflicts(self, self.clones), name="conflicts"))
+            tasks.append(asyncio.create_task(self.mirror.run(self._stop), name="mirror"))
+            tasks.append(asyncio.create_task(self.sparkplug.run(), name="sparkplug"))
             while not self._stop.is_set():
                 offline = self.signer.seal(self.keys.state(False, __version__), now_ms())
                 failure: TransportError | None = None
@@ -348,6 +361,8 @@ class Hub:
                     if attempt is not None and attempt.started_at is not None:
                         self.metrics.step_latency.observe((fact.at - attempt.started_at) / 1000)
                 commands += apply_logged(self.core, fact)
+                for observer in self.observers:
+                    observer.applied(fact)
                 self.metrics.count_adaptation(fact)
         scan = time.monotonic() - self._timers_at >= TIMER_SCAN_S
         if scan:
@@ -360,6 +375,8 @@ class Hub:
             await self.journal.append(decisions)
             for decision in decisions:
                 commands += apply_logged(self.core, decision)
+                for observer in self.observers:
+                    observer.applied(decision)
                 self.metrics.count_decision(decision)
         applied = now_ms()
         for item in batch:
@@ -411,10 +428,16 @@ class Hub:
             seen = []
         if isinstance(body, Heartbeat):
             self.views[node].heartbeat = body
+        elif isinstance(body, Telemetry):
+            view = self.views[node]
+            view.telemetry, view.telemetry_at = dict(body.metrics), body.at or header.ts
+        elif isinstance(body, Birth):
+            self.views[node].version = body.version
+        for observer in self.observers:
+            observer.node_message(node, body)  # after the views hold what it says
+        if isinstance(body, Heartbeat):
             return seen
         if isinstance(body, Telemetry):
-            view = self.views[node]
-            view.telemetry = dict(body.metrics)
             return seen + self._health(node, dict(body.metrics), at)
         if isinstance(body, Birth):
             running = tuple((r.run, r.step, r.attempt, r.fence) for r in body.running)

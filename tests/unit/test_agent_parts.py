@@ -181,11 +181,18 @@ def test_recovery_kills_leftover_process_groups_and_reports_them(tmp_path: Path)
 
 def test_cancel_ignores_other_fences(tmp_path: Path) -> None:
     async def scenario() -> None:
-        runner, _ = make_runner(tmp_path)
+        runner, box = make_runner(tmp_path)
         runner.assign(Assign("r", "s", "a5", 5, "sleep", {"seconds": 5}, 30))
         assert runner.cancel((AttemptRef("r", "s", "a5", 4),), "old") == 0  # names an older fence: not ours
+        assert "a5" in runner.running
         assert runner.cancel((AttemptRef("r", "s", "a5", 5),), "now") == 1
-        await asyncio.sleep(0.05)
+        for _ in range(200):  # bounded: the sleep step is cancelled well before its 5 s
+            if "a5" not in runner.running:
+                break
+            await asyncio.sleep(0.01)
+        assert "a5" not in runner.running
+        cancelled = [e.body for e in box.pending() if e.body.get("event") == "cancelled"]
+        assert [(c["attempt"], c["fence"]) for c in cancelled] == [("a5", 5)]
 
     asyncio.run(scenario())
 

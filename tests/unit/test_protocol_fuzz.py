@@ -6,6 +6,7 @@ import time
 
 import cbor2
 import nacl.signing
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -104,7 +105,6 @@ def test_every_builtin_tag_is_refused() -> None:
 
 def test_open_envelope_with_wrong_key_is_unknown_key() -> None:
     other = bytes(nacl.signing.SigningKey(b"\x06" * 32).verify_key)
-    try:
+    with pytest.raises(ProtocolError) as refused:
         open_envelope(GOOD.payload, GOOD.topic, other)
-    except ProtocolError as exc:
-        assert exc.reason == "unknown-key"
+    assert refused.value.reason == "unknown-key"
