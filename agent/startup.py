@@ -32,11 +32,11 @@ def _reason(text: str) -> str:
 class DataLock:
     """The data directory's lock, held until `release()` or the end of the process."""
 
-    def __init__(self, data: Path, fd: int) -> None:
+    def __init__(self, data: Path, fd: int, dir_fd: int) -> None:
         self.data = data
         self._fd: int | None = fd
         # An object dropped without release() (a test that builds a hub and never runs it) still lets go of the lock.
-        self._finalizer = weakref.finalize(self, os.close, fd)
+        self._finalizer = weakref.finalize(self, _close_both, fd, dir_fd)
 
     @classmethod
     def acquire(cls, data: Path, setting: str = "--data") -> DataLock:
@@ -53,23 +53,38 @@ class DataLock:
         except OSError as exc:
             raise StartupError(f"{where} is not writable: {_reason(exc.strerror or str(exc))}") from None
         try:
+            # The directory is locked too: a lock file someone deleted or replaced while its holder runs would let a
+            # second process lock the new file, but the directory stays the same inode while it holds an identity.
+            dir_fd = os.open(data, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            os.close(fd)
+            raise StartupError(f"{where} cannot be opened: {_reason(exc.strerror or str(exc))}") from None
+        try:
+            fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_pid(fd)
             os.close(fd)
+            os.close(dir_fd)
             raise StartupError(f"{where} is in use by another fleetflow process (pid {holder}); stop it, or give "
                                f"each agent or hub its own {setting} directory") from None
         except OSError as exc:  # e.g. a network file system without locks
             os.close(fd)
+            os.close(dir_fd)
             raise StartupError(f"{where} cannot be locked: {_reason(exc.strerror or str(exc))}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return cls(data, fd)
+        return cls(data, fd, dir_fd)
 
     def release(self) -> None:
         if self._fd is not None:
             self._fd = None
             self._finalizer()  # closes the descriptor, which drops the lock
+
+
+def _close_both(fd: int, dir_fd: int) -> None:
+    os.close(fd)
+    os.close(dir_fd)
 
 
 def _read_pid(fd: int) -> str:

@@ -119,26 +119,27 @@ class _MqttSession:
             raise TransportError(str(exc)) from exc
 
 
-def _read_in_bursts(client: Any, burst: int, on_backlog: Callable[[], None] | None) -> None:
+def _read_in_bursts(client: Any, burst: int, on_backlog: Callable[[bool], None] | None) -> None:
     """Make paho read up to `burst` packets each time the socket is readable, instead of one per event-loop turn.
 
     With one packet a turn, a receiver that also works on the loop leaves its backlog in the kernel and the broker,
     where it can neither see it nor put a heartbeat ahead of a flood. Read in bursts, the backlog lands in the
-    incoming queue (the hub's intake), which screens, prioritises and measures it. A burst that ends with data still
-    waiting calls `on_backlog`: the receiver is behind."""
+    incoming queue (the hub's intake), which screens, prioritises and measures it. A full burst with data still
+    waiting calls `on_backlog(True)`, any other read `on_backlog(False)`: the receiver judges what lasts."""
     read_one = client.loop_read
+
+    def waiting() -> bool:
+        sock = client.socket()
+        return sock is not None and bool(getattr(sock, "pending", lambda: 0)() or select.select([sock], [], [], 0)[0])
 
     def loop_read(max_packets: int = 1) -> Any:
         rc = read_one()
         for _ in range(burst - 1):
-            sock = client.socket()
-            if rc != 0 or sock is None:
-                return rc
-            if not (getattr(sock, "pending", lambda: 0)() or select.select([sock], [], [], 0)[0]):
-                return rc
+            if rc != 0 or not waiting():
+                break
             rc = read_one()
-        if on_backlog is not None and rc == 0 and client.socket() is not None:
-            on_backlog()
+        if on_backlog is not None and rc == 0:
+            on_backlog(waiting())  # True: a full burst and still more to read
         return rc
 
     client.loop_read = loop_read
@@ -146,7 +147,7 @@ def _read_in_bursts(client: Any, burst: int, on_backlog: Callable[[], None] | No
 
 class MqttTransport:
     def __init__(self, settings: BrokerSettings, incoming: Callable[..., Any] | None = None, read_burst: int = 1,
-                 on_backlog: Callable[[], None] | None = None) -> None:
+                 on_backlog: Callable[[bool], None] | None = None) -> None:
         """`incoming`, if given, makes the queue each connection puts received messages in (called with
         `maxsize=`); the hub passes its intake, which screens and prioritises as messages arrive. `read_burst`
         packets are read per readiness of the socket (see `_read_in_bursts`)."""

@@ -13,7 +13,7 @@ own share of that kind: a flood of forged step events for a node cannot crowd ou
 every message given to the intake is either queued or counted as shed (`shed`, by kind and reason). The core loop
 takes batches lane by lane, state first, with a share kept for heartbeats so a state flood cannot starve liveness.
 
-`last_shed_ms`, `backlog_ms` and `oldest_ms` tell the hub it is behind, and then it suspends liveness decisions: a silence that
+`pressure_ms`, `backlog_ms` and `oldest_ms` tell the hub it is behind, and then it suspends liveness decisions: a silence that
 may be its own is never held against a node.
 """
 
@@ -29,6 +29,7 @@ from protocols import ProtocolError, Receiver
 
 from .throttle import ThrottledLog
 
+BACKLOG_LASTS_MS: Final = 500
 LANES: Final = ("state", "heartbeat", "enroll", "telemetry")
 KIND_LANE: Final = {"birth": "state", "death": "state", "evt": "state", "hb": "heartbeat", "enroll": "enroll",
                     "tel": "telemetry"}
@@ -69,8 +70,9 @@ class Intake:
         self.refused: collections.Counter[str] = collections.Counter()          # by reason, at screening
         self.shed: collections.Counter[tuple[str, str]] = collections.Counter()  # by (kind, reason)
         self.queued: collections.Counter[str] = collections.Counter()            # by kind, ever queued
-        self.last_shed_ms = 0
-        self.backlog_ms = 0   # last time a socket read ended with more data waiting
+        self.pressure_ms = 0  # last time the queues themselves were full (not one sender over its quota)
+        self.backlog_ms = 0   # last time the socket had stayed saturated for BACKLOG_LASTS_MS
+        self._saturated_since: int | None = None
         self.log = ThrottledLog()
 
     # -- the aiomqtt side ------------------------------------------------------------------------------------------
@@ -93,7 +95,9 @@ class Intake:
         if lane is None:
             return False  # our own commands, or a kind this hub does not read
         try:
-            self.receiver.screen(topic, payload)
+            # A node's kid is public, so births and deaths (one per session, and what liveness hangs on) are verified
+            # here: forgeries never take the queue space of the real ones.
+            self.receiver.screen(topic, payload, verify=kind in ("birth", "death"))
         except ProtocolError as exc:
             self.refused[exc.reason] += 1
             self.log.warning(exc.reason, f"refused {exc.reason} at screening: {topic[:120]}: {exc}")
@@ -118,7 +122,10 @@ class Intake:
 
     def _shed(self, kind: str, reason: str, topic: str) -> bool:
         self.shed[(kind, reason)] += 1
-        self.last_shed_ms = self.clock_ms()
+        if reason != "sender-quota" and kind not in ("enroll", "tel") or reason == "displaced":
+            # The hub itself cannot keep up. A sender over its own quota says nothing of the hub (and anyone may
+            # send enrollments), so it must not suspend liveness for the whole fleet.
+            self.pressure_ms = self.clock_ms()
         self.log.warning(f"shed {kind} {reason}", f"shed a {kind} message ({reason}): {topic[:120]}")
         return False
 
@@ -140,8 +147,18 @@ class Intake:
             self._ready.clear()  # a request's wake-up is answered by this batch too
         return out
 
-    def note_backlog(self) -> None:
-        self.backlog_ms = self.clock_ms()
+    def note_backlog(self, saturated: bool) -> None:
+        """After each socket read: `saturated` if it read a full burst and more was still waiting. Only a backlog
+        that lasts counts (a burst of junk now and then must not suspend liveness): the reads stayed saturated for
+        BACKLOG_LASTS_MS without one that drained the socket."""
+        if not saturated:
+            self._saturated_since = None
+            return
+        now = self.clock_ms()
+        if self._saturated_since is None:
+            self._saturated_since = now
+        elif now - self._saturated_since >= BACKLOG_LASTS_MS:
+            self.backlog_ms = now
 
     def wake(self) -> None:
         """Something else (an operator request) is waiting for the core loop."""

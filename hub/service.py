@@ -64,7 +64,8 @@ TIMER_SCAN_S = 0.1  # liveness, timeouts and breakers are scanned at most this o
 BATCH = 2000
 READ_BURST = 256      # packets read per readiness of the broker socket
 # The hub is behind, and decides no liveness, while a message has waited BEHIND_MS in the intake, for
-# BACKLOG_GRACE_MS after a socket read ended with more waiting, and for SHED_GRACE_MS after the intake shed one.
+# BACKLOG_GRACE_MS after a socket read ended with more waiting, and for SHED_GRACE_MS after the intake's queues were
+# full (a sender over its own quota does not count: see hub/intake.py).
 BEHIND_MS = 2000
 BACKLOG_GRACE_MS = 1000
 SHED_GRACE_MS = 5000
@@ -335,6 +336,8 @@ class Hub:
                 for item in batch:
                     if isinstance(item, _Request) and not item.future.done():
                         item.future.set_exception(OperatorError("internal error", 500))
+                    elif isinstance(item, Inbound):  # acknowledged to the broker: counted, never silently gone
+                        self.intake.shed[(item.kind, "core-error")] += 1
 
     async def _process(self, batch: list[Inbound | _Request]) -> None:
         now = now_ms()
@@ -391,13 +394,13 @@ class Hub:
             self.journal.snapshot(self.core)
 
     def _liveness(self, now: int) -> bool:
-        """False while the hub is behind (its intake shed recently, or a message has waited too long): a silence
+        """False while the hub is behind (its intake was full recently, or a message has waited too long): a silence
         that may be the hub's own is not held against any node. On catching up every node gets a fresh window."""
         oldest = self.intake.oldest_ms()
-        behind = (now - self.intake.last_shed_ms < SHED_GRACE_MS or (oldest is not None and now - oldest > BEHIND_MS)
+        behind = (now - self.intake.pressure_ms < SHED_GRACE_MS or (oldest is not None and now - oldest > BEHIND_MS)
                   or now - self.intake.backlog_ms < BACKLOG_GRACE_MS or self.core.overloaded)
         if behind and not self.liveness_paused:
-            log.warning("hub is behind (intake shed or lagging): liveness decisions suspended")
+            log.warning("hub is behind (intake full or lagging): liveness decisions suspended")
         elif not behind and self.liveness_paused:
             log.warning("hub caught up: liveness decisions resume, every node gets a fresh heartbeat window")
             self.core.after_load(now)

@@ -800,7 +800,7 @@ class Core:
         return out
 
     def _timers(self, now: int, liveness: bool = True) -> list[Event]:
-        """`liveness=False` while the hub itself is behind (its intake shed or lags): silence may then be ours, so
+        """`liveness=False` while the hub itself is behind (its intake is full or lags): silence may then be ours, so
         no node is suspected or failed and no assignment counts as unanswered until it catches up."""
         out: list[Event] = []
         for node in self.nodes.values() if liveness else ():

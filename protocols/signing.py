@@ -211,10 +211,10 @@ class Receiver:
             window.accept(header.boot, header.seq)
         return message
 
-    def screen(self, topic: str, data: bytes) -> None:
+    def screen(self, topic: str, data: bytes, verify: bool = False) -> None:
         """The cheap checks of section 4 (size, envelope structure, a trusted kid that belongs to the node the topic
-        names), without verifying the signature. A receiver screens before queueing, so traffic that cannot be
-        authentic costs no signature check and no queue space. `receive` still runs every check."""
+        names), and the signature only when `verify`. A receiver screens before queueing, so traffic that cannot be
+        authentic costs no queue space. `receive` still runs every check."""
         parsed = envelope.parse(data, self.max_size)
         if topic.endswith("/enroll"):
             return  # self-signed: nothing to look up before verifying
@@ -224,6 +224,8 @@ class Receiver:
         parts = topic.split("/")
         if len(parts) != 6 or parts[4] != trusted.owner:
             raise WrongSender(f"key {parsed.kid.hex()} belongs to {trusted.owner!r}, not to the sender of {topic[:120]}")
+        if verify:
+            parsed.verify(topic, trusted.verify_key)
 
     def _receive_enroll(self, topic: str, parsed: envelope.Parsed) -> Message:
         """Enroll requests are self-signed: the key inside the payload must be the one that signed it."""

@@ -140,7 +140,12 @@ def test_intake_screens_before_queueing_and_counts_every_shed_message() -> None:
     assert sum(intake.queued.values()) - sum(n for (k, r), n in intake.shed.items() if r == "displaced") \
         == intake.qsize() == 10
     assert sum(intake.queued.values()) + sum(n for (k, r), n in intake.shed.items() if r != "displaced") == sent
-    assert intake.last_shed_ms == 1000
+    assert intake.pressure_ms == 1000  # heartbeats displaced telemetry: the queues were full
+    quiet = Intake(FLEET, fleet.receiver, lambda: 2000, limits)
+    for _ in range(5):  # one sender over its own heartbeat quota: shed, but the hub is not behind
+        out = fleet.signers[2].seal(Heartbeat(), 1)
+        quiet.offer(out.topic, out.payload)
+    assert quiet.shed[("hb", "sender-quota")] == 1 and quiet.pressure_ms == 0
 
 
 def test_intake_serves_state_first_but_keeps_a_share_for_heartbeats() -> None:
@@ -170,3 +175,28 @@ def test_liveness_is_suspended_while_the_hub_is_behind() -> None:
     assert [type(e).__name__ for e in core.decide(10_000)] == ["NodeSuspected"]
     core.after_load(10_000)  # caught up: a fresh window
     assert core.decide(11_000) == []
+
+
+def test_forged_births_with_a_public_kid_take_no_queue_space_from_the_real_one() -> None:
+    fleet = Fleet(1)
+    intake = Intake(FLEET, fleet.receiver, lambda: 0)
+    real = fleet.signers[0].seal(Birth("p", "1"), 1)
+    forged = real.payload[:-1] + bytes([real.payload[-1] ^ 1])  # n0's kid, a signature that does not verify
+    for _ in range(40):
+        assert not intake.offer(real.topic, forged)
+    assert intake.refused["bad-signature"] == 40
+    assert intake.offer(real.topic, real.payload)
+
+
+def test_only_a_lasting_socket_backlog_marks_the_hub_behind() -> None:
+    now = [0]
+    intake = Intake(FLEET, Fleet(1).receiver, lambda: now[0])
+    for at in (0, 300):  # a full read now and then (a burst of junk) is not a backlog
+        now[0] = at
+        intake.note_backlog(True)
+        intake.note_backlog(False)
+    assert intake.backlog_ms == 0
+    for at in (1000, 1300, 1600):  # saturated read after read for over half a second: behind
+        now[0] = at
+        intake.note_backlog(True)
+    assert intake.backlog_ms == 1600

@@ -29,6 +29,17 @@ def test_one_lock_per_data_directory_naming_the_holder(tmp_path: Path) -> None:
     DataLock.acquire(data).release()
 
 
+def test_deleting_the_lock_file_does_not_let_a_second_process_in(tmp_path: Path) -> None:
+    held = DataLock.acquire(tmp_path)
+    try:
+        (tmp_path / LOCK_FILE).unlink()  # an operator tidying up while the holder runs
+        with pytest.raises(StartupError, match="in use"):
+            DataLock.acquire(tmp_path)
+    finally:
+        held.release()
+    DataLock.acquire(tmp_path).release()
+
+
 def test_a_lock_dies_with_its_process(tmp_path: Path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from agent.startup import DataLock; "
                                f"lock = DataLock.acquire({str(tmp_path)!r}); print('held', flush=True); time.sleep(60)"],
