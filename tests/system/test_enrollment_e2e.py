@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import nacl.signing
@@ -21,26 +19,26 @@ import pytest
 
 from agent.keys import write_new_key
 from agent.telemetry import now_ms
-from protocols import Ack, Enroll, Heartbeat, Signer, Topic, cbor, envelope, kid_for, open_envelope
+from protocols import (
+    Ack,
+    Enroll,
+    Heartbeat,
+    Signer,
+    Topic,
+    cbor,
+    envelope,
+    kid_for,
+    open_envelope,
+)
 from tests.brokers import Broker
 from tests.hubdouble import AgentProcess
 from tests.hubprocess import HubProcess
+from tests.waiting import wait
 from tests.wire import Observer, Publisher
 
 FLEET = "enr"
 TOKEN = "e2e-enroll-token-5d1c0a9b7e3f"
-T = TypeVar("T")
 
-
-def wait(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def verdicts(observer: Observer, hub_key: bytes, node: str) -> list[Ack]:

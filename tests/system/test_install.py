@@ -15,23 +15,20 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
 from protocols import Birth, Topic, open_envelope
 from tests.brokers import Broker
 from tests.hubprocess import HubProcess
+from tests.waiting import wait
 from tests.wire import Observer
 
 ROOT = Path(__file__).resolve().parents[2]
 WHEELHOUSE = ROOT / ".wheelhouse"
 SOURCES = ("pyproject.toml", "README.md", "protocols", "agent", "hub", "sim", "firmware-profiles")
 FLEET = "inst"
-T = TypeVar("T")
 
 pytestmark = pytest.mark.slow
 
@@ -46,16 +43,6 @@ def run(*args: str | Path, cwd: Path, timeout: float = 120) -> subprocess.Comple
     return subprocess.run([str(a) for a in args], cwd=cwd, env=offline_env(), capture_output=True, text=True,
                           timeout=timeout)
 
-
-def wait(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
@@ -25,24 +23,14 @@ from protocols import cbor, envelope
 from tests.brokers import Broker
 from tests.hubdouble import AgentProcess
 from tests.hubprocess import HubProcess
+from tests.waiting import wait
 from tests.wire import Observer
 
 FLEET = "one"
 FLEETFLOW = str(Path(sys.executable).parent / "fleetflow")
-T = TypeVar("T")
 
 pytestmark = pytest.mark.slow
 
-
-def wait(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def tree(directory: Path) -> dict[str, str]:
@@ -100,9 +88,10 @@ def test_a_refused_start_changes_nothing_in_the_data_directory(mosquitto: Broker
         (agent_data, ["agent", "run", "--broker", mosquitto.url, "--fleet", FLEET, "--node-id", "n2",
                       "--data", agent_data, "--hub-key", key])]
     for directory, command in runs:
-        holder = subprocess.Popen([sys.executable, "-c", "import time; from agent.startup import DataLock; "
+        holder = subprocess.Popen([sys.executable, "-c", "import sys; from agent.startup import DataLock; "
                                    f"lock = DataLock.acquire({str(directory)!r}); print('held', flush=True); "
-                                   "time.sleep(60)"], stdout=subprocess.PIPE, text=True,
+                                   "sys.stdin.read()"],  # held until killed: nobody writes its stdin
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                   cwd=Path(__file__).resolve().parents[2])
         try:
             assert holder.stdout is not None and holder.stdout.readline() == "held\n"
@@ -151,10 +140,14 @@ def test_two_devices_with_one_identity_are_a_conflict_and_do_not_drive_each_othe
         # Bounded observation: both devices keep running, each on its own boot; nothing makes them reconnect.
         boots_before = (boot_of(first.data), boot_of(clone_data))
         seen_from = len(observer.messages)
-        time.sleep(5)  # a measurement window, not a wait for a condition
+
+        def heartbeats_since() -> list[bytes]:
+            return [payload for topic, payload in observer.messages[seen_from:] if topic.endswith("/hb")]
+
+        # The window is counted in heartbeats on the wire (both devices send several a second), not in seconds.
+        wait(lambda: len(heartbeats_since()) >= 20, 60, "20 more heartbeats from the two devices")
         boots_after = (boot_of(first.data), boot_of(clone_data))
-        wire_boots = {cbor.loads(envelope.parse(payload).payload)["boot"]
-                      for topic, payload in observer.messages[seen_from:] if topic.endswith("/hb")}
+        wire_boots = {cbor.loads(envelope.parse(payload).payload)["boot"] for payload in heartbeats_since()}
         assert boots_after == boots_before, f"identity boots moved: {boots_before} -> {boots_after}"
         assert wire_boots <= set(boots_before) and len(wire_boots) >= 1, wire_boots
         assert first.proc is not None and first.proc.poll() is None and clone.proc is not None \

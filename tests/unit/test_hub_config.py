@@ -172,7 +172,7 @@ def test_the_dockerfile_runs_the_hub_as_a_user_with_a_data_volume() -> None:
     env = dict(re.findall(r"(FLEETFLOW_[A-Z_]+)=(\S+)", text.split("\nENV ", 1)[1].split("\nEXPOSE", 1)[0]))
     assert volume == [env["FLEETFLOW_DATA"]]
     # The image's settings parse as the hub will read them.
-    settings = load_hub_settings({}, None, {**env, "FLEETFLOW_BROKER": "mqtt://broker:1883", "FLEETFLOW_FLEET": "f"})
+    settings = load_hub_settings({}, None, {**env, "FLEETFLOW_BROKER": "mqtt://broker.test:8883", "FLEETFLOW_FLEET": "f"})
     assert settings.api == ("0.0.0.0", 8470)
 
 

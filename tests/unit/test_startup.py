@@ -41,9 +41,11 @@ def test_deleting_the_lock_file_does_not_let_a_second_process_in(tmp_path: Path)
 
 
 def test_a_lock_dies_with_its_process(tmp_path: Path) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from agent.startup import DataLock; "
-                               f"lock = DataLock.acquire({str(tmp_path)!r}); print('held', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    # The holder keeps the lock until it is killed: it blocks reading its stdin, which nobody writes.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from agent.startup import DataLock; "
+                               f"lock = DataLock.acquire({str(tmp_path)!r}); print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[2])
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
         with pytest.raises(StartupError, match=f"pid {holder.pid}"):
