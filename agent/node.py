@@ -19,7 +19,7 @@ from typing import Any
 
 from protocols import (HUB_ID, Ack, Assign, Birth, Cancel, Config, Drain, Enroll, Heartbeat, HubState, Keyring,
                        ProtocolError, Receiver, ReplayWindow, Signer, Telemetry, Topic, body_from_map, kid_for)
-from protocols.messages import enroll_proof
+from protocols.enrollment import enroll_proof
 
 from . import __version__
 from .config import AgentConfig, ConfigError

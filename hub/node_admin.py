@@ -1,5 +1,5 @@
-"""Operator actions on nodes, behind the hub's API: accept (one node, or every pending request), reject, revoke, drain,
-add (pre-register, or re-key a revoked node), delete.
+"""Enroll requests from the wire, and operator actions on nodes behind the hub's API: accept (one node, or every
+pending request), reject, revoke, drain, add (pre-register, or re-key a revoked node), delete.
 
 The registry (hub/registry.py) holds the rules; this applies their effects to the running hub: the keys its receiver
 trusts, the replay state a new key resets, the node's record in the core, and the answer an agent waits for.
@@ -13,14 +13,17 @@ same key coming back (delete, then accept it again) keeps its window: whatever w
 from __future__ import annotations
 
 import logging
+import shlex
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.telemetry import now_ms
-from protocols import Ack, Drain, ProtocolError, ReplayWindow, kid_for
+from protocols import HUB_ID, Ack, Drain, Enroll, ProtocolError, ReplayWindow, kid_for
+from protocols.enrollment import check_enroll_proof
 
-from .events import NodeDrainSet, NodeRemoved
+from .events import Event, NodeDrainSet, NodeRemoved
 from .journal import Journal
-from .registry import KeyTaken, NoSuchNode, Registry, RegistryError
+from .registry import EnrollPolicy, KeyTaken, NoSuchNode, Registry, RegistryError, token_fingerprint
 
 if TYPE_CHECKING:
     from .service import Hub
@@ -54,6 +57,55 @@ class NodeAdmin:
         hub.registry.trusted(node_id)
         hub.receiver.keyring.add(node_id, key)
         return fresh
+
+    def enroll(self, node: str, body: Enroll, at: int, replies: list[tuple[str, Any]],
+                senders: set[str] | None = None) -> list[Event]:
+        """An enroll request: the registry applies the rules (hub/registry.py); this answers and reports. `senders`:
+        the batch's senders whose replay marks it journals (a new key adds its fresh one)."""
+        hub = self.hub
+        config, token = hub.config, hub.config.enroll_token
+        proof = (None if token is None or body.proof is None
+                 else check_enroll_proof(body.proof, token, config.fleet, node, body.key))
+        policy = EnrollPolicy(config.auto_accept, token_fingerprint(token) if token else None,
+                              config.enroll_token_uses, config.max_pending)
+        outcome = hub.registry.request(node, body.key, body.profile, dict(body.labels), at, policy, proof)
+        hub.metrics.enrollments.labels(outcome.verdict).inc()
+        warn = hub.registry.log.warning
+        for dropped in outcome.dropped:
+            hub.metrics.enroll_dropped.inc()
+            warn("dropped", f"pending enroll requests are capped at {config.max_pending}: dropped the oldest, "
+                            f"from node {dropped} (it is listed again when it asks again)")
+        if outcome.verdict == "reserved":
+            warn("reserved", f"refused an enroll request from node id {HUB_ID!r} (kid {outcome.kid}): that id is the "
+                             f"hub's own")
+            return []  # nothing to answer: the hub does not command itself
+        if outcome.replaced_kid:
+            warn("key-changed", f"node {node}: its pending enroll request changed keys, kid {outcome.replaced_kid} -> "
+                                f"{outcome.kid}; the request starts over and an accept of the old kid is refused")
+        if outcome.token == "bad":
+            warn("bad-proof", f"node {node}: its enroll token proof does not verify (a wrong token, or a proof copied "
+                              f"from another request); the token admits nothing")
+        elif outcome.token == "spent":
+            warn("token-spent", f"node {node}: the enroll token has admitted the {config.enroll_token_uses} "
+                                f"enrollment(s) it may (--enroll-token-uses); left pending")
+        if outcome.verdict == "taken":
+            warn("taken", f"node {node}: enroll refused, the id is taken: it is enrolled with kid "
+                          f"{outcome.enrolled_kid}, this request has kid {outcome.kid}")
+        elif outcome.verdict == "accepted":
+            if self.trust(node, body.key) and senders is not None:
+                senders.add(node)  # its fresh replay mark is journaled with this batch, before the answer goes out
+            if outcome.admitted_by == "token":
+                log.info("node %s enrolled with the enroll token (kid %s; use %d of %d)", node, outcome.kid,
+                         outcome.token_uses, config.enroll_token_uses)
+            elif outcome.admitted_by == "auto":
+                log.info("node %s enrolled by auto-accept (kid %s)", node, outcome.kid)
+        elif outcome.verdict == "pending" and outcome.new:
+            # A command that runs as printed on this machine: --data finds this hub's API and token.
+            log.info("node %s asks to enroll with kid %s; compare it with the kid the agent logs on the device, then "
+                     "accept with: fleetflow nodes accept %s --kid %s --data %s", node, outcome.kid, node, outcome.kid,
+                     shlex.quote(str(Path(config.data).resolve())))
+        replies.append((node, Ack((), outcome.verdict, kid_for(body.key))))
+        return []
 
     async def _trust_now(self, node_id: str, doc: dict[str, Any], why: str, answer: bool = True) -> None:
         """An operator's accept or add: durable fresh window (if the key is new), trust, and (an accept) answer the

@@ -13,7 +13,6 @@ import contextlib
 import functools
 import logging
 import os
-import shlex
 import socket
 import time
 import uuid
@@ -31,10 +30,8 @@ from agent.telemetry import now_ms
 from agent.transport import (BrokerSettings, MqttTransport, Session, Transport, TransportError, Will,
                              session_client_id)
 from protocols import (HUB_ID, Ack, Assign, AttemptRef, Birth, Cancel, Config, Death, Drain, Enroll, Heartbeat,
-                       Keyring, ProtocolError, ReplayWindow, Signer, StepEvent, StepResult, Telemetry,
-                       kid_for)
+                       Keyring, ProtocolError, ReplayWindow, Signer, StepEvent, StepResult, Telemetry)
 from protocols.envelope import DEFAULT_MAX_SIZE
-from protocols.messages import check_enroll_proof
 
 from . import __version__
 from .eventlog import apply_logged
@@ -49,7 +46,7 @@ from .limits import Limits
 from .metrics import HubMetrics
 from .mirror import JsonMirror, MirrorSettings
 from .node_admin import NodeAdmin, reset_stale_windows
-from .registry import DEFAULT_MAX_PENDING, DEFAULT_TOKEN_USES, EnrollPolicy, Registry, token_fingerprint
+from .registry import DEFAULT_MAX_PENDING, DEFAULT_TOKEN_USES, Registry
 from .runnable import workflow_problems
 from .sparkplug import NoBridge, SparkplugSettings, bridge_for
 from .state import Command, Core, SendAssign, SendCancel, SendConfig, SendDrain, compile_workflow
@@ -419,7 +416,7 @@ class Hub:
         node = header.src
         self.metrics.messages.labels(header.type, "accepted").inc()
         if isinstance(body, Enroll):
-            return self._enroll(node, body, at, out.replies, out.senders)
+            return self.admin.enroll(node, body, at, out.replies, out.senders)
         out.senders.add(node)
         if isinstance(body, Birth):
             out.born.add(node)
@@ -514,54 +511,6 @@ class Hub:
             if change is not None:
                 log.warning("hub %s: %s", "overloaded" if change else "recovered", self.load.reason)
                 await self.request([HubLoadChanged(now_ms(), change, self.load.reason)])
-
-    def _enroll(self, node: str, body: Enroll, at: int, replies: list[tuple[str, Any]],
-                senders: set[str] | None = None) -> list[Event]:
-        """An enroll request: the registry applies the rules (hub/registry.py); this answers and reports. `senders`:
-        the batch's senders whose replay marks it journals (a new key adds its fresh one)."""
-        config, token = self.config, self.config.enroll_token
-        proof = (None if token is None or body.proof is None
-                 else check_enroll_proof(body.proof, token, config.fleet, node, body.key))
-        policy = EnrollPolicy(config.auto_accept, token_fingerprint(token) if token else None,
-                              config.enroll_token_uses, config.max_pending)
-        outcome = self.registry.request(node, body.key, body.profile, dict(body.labels), at, policy, proof)
-        self.metrics.enrollments.labels(outcome.verdict).inc()
-        warn = self.registry.log.warning
-        for dropped in outcome.dropped:
-            self.metrics.enroll_dropped.inc()
-            warn("dropped", f"pending enroll requests are capped at {config.max_pending}: dropped the oldest, "
-                            f"from node {dropped} (it is listed again when it asks again)")
-        if outcome.verdict == "reserved":
-            warn("reserved", f"refused an enroll request from node id {HUB_ID!r} (kid {outcome.kid}): that id is the "
-                             f"hub's own")
-            return []  # nothing to answer: the hub does not command itself
-        if outcome.replaced_kid:
-            warn("key-changed", f"node {node}: its pending enroll request changed keys, kid {outcome.replaced_kid} -> "
-                                f"{outcome.kid}; the request starts over and an accept of the old kid is refused")
-        if outcome.token == "bad":
-            warn("bad-proof", f"node {node}: its enroll token proof does not verify (a wrong token, or a proof copied "
-                              f"from another request); the token admits nothing")
-        elif outcome.token == "spent":
-            warn("token-spent", f"node {node}: the enroll token has admitted the {config.enroll_token_uses} "
-                                f"enrollment(s) it may (--enroll-token-uses); left pending")
-        if outcome.verdict == "taken":
-            warn("taken", f"node {node}: enroll refused, the id is taken: it is enrolled with kid "
-                          f"{outcome.enrolled_kid}, this request has kid {outcome.kid}")
-        elif outcome.verdict == "accepted":
-            if self.admin.trust(node, body.key) and senders is not None:
-                senders.add(node)  # its fresh replay mark is journaled with this batch, before the answer goes out
-            if outcome.admitted_by == "token":
-                log.info("node %s enrolled with the enroll token (kid %s; use %d of %d)", node, outcome.kid,
-                         outcome.token_uses, config.enroll_token_uses)
-            elif outcome.admitted_by == "auto":
-                log.info("node %s enrolled by auto-accept (kid %s)", node, outcome.kid)
-        elif outcome.verdict == "pending" and outcome.new:
-            # A command that runs as printed on this machine: --data finds this hub's API and token.
-            log.info("node %s asks to enroll with kid %s; compare it with the kid the agent logs on the device, then "
-                     "accept with: fleetflow nodes accept %s --kid %s --data %s", node, outcome.kid, node, outcome.kid,
-                     shlex.quote(str(Path(config.data).resolve())))
-        replies.append((node, Ack((), outcome.verdict, kid_for(body.key))))
-        return []
 
     async def _send(self, commands: list[Command], acks: dict[str, list[int]], replies: list[tuple[str, Any]],
                     now: int) -> None:

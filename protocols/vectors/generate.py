@@ -16,8 +16,8 @@ import nacl.signing
 
 from protocols import cbor, envelope
 from protocols.messages import (Ack, Assign, AttemptRef, Birth, Body, Cancel, Config, Drain, Enroll, Header, Heartbeat,
-                                HubState, StepEvent, StepResult, Telemetry, encode_payload, enroll_proof,
-                                enroll_proof_input)
+                                HubState, StepEvent, StepResult, Telemetry, encode_payload)
+from protocols.enrollment import enroll_proof, enroll_proof_input
 from protocols.replay import ReplayWindow
 from protocols.signing import HUB_ID, Signer
 

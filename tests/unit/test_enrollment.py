@@ -20,7 +20,7 @@ import pytest
 
 from hub.registry import EnrollPolicy, KeyMismatch, Registry, RegistryError, fingerprint, token_fingerprint
 from protocols import Ack, Enroll, kid_for
-from protocols.messages import check_enroll_proof, enroll_proof
+from protocols.enrollment import check_enroll_proof, enroll_proof
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "a-long-random-enroll-token-0123456789"
@@ -154,7 +154,7 @@ def make_hub(tmp_path: Path) -> Any:
 
 def enroll(hub: Any, node: str, public_key: bytes, proof: bytes | None = None) -> list[tuple[str, Any]]:
     replies: list[tuple[str, Any]] = []
-    hub._enroll(node, Enroll(public_key, "rpi4", {}, proof), 1_000, replies)
+    hub.admin.enroll(node, Enroll(public_key, "rpi4", {}, proof), 1_000, replies)
     return replies
 
 
