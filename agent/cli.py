@@ -11,13 +11,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, Optional
 
 import typer
 
 from . import __version__
 from .extras import RootGroup, missing_extra, needs_extra_message
-from .keys import KeyFileError, describe, is_readable_file, parse_public_key, write_new_key
+from .runtime.console import fail
+from .runtime.keys import KeyFileError, describe, is_readable_file, parse_public_key, write_new_key
 
 
 def _flags_render_as_flags() -> None:
@@ -45,11 +46,6 @@ keys_app = typer.Typer(help="Make and show Ed25519 keys.", no_args_is_help=True)
 protocol_app = typer.Typer(help="Look inside wire messages.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(protocol_app, name="protocol")
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def _version(value: bool) -> None:

@@ -11,14 +11,10 @@ import typer
 from .config import ConfigError, load_config
 from .daemon import exec_daemon
 from .identity import Identity, IdentityError
-from .keys import KeyFileError
+from .runtime.console import fail
+from .runtime.keys import KeyFileError
 
 agent_app = typer.Typer(help="Run the device agent and show its identity.", no_args_is_help=True)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 @agent_app.command("run")
@@ -61,9 +57,9 @@ def agent_run(
     try:
         settings = load_config({k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()}, config)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc), 2)
     if log_level.lower() not in ("debug", "info", "warning", "error"):
-        _fail(f"--log-level {log_level!r}: use debug, info, warning or error")
+        fail(f"--log-level {log_level!r}: use debug, info, warning or error", 2)
     exec_daemon(settings, log_level)
 
 
@@ -74,7 +70,7 @@ def agent_identity(data: Path = typer.Option(..., help="The agent's data directo
     try:
         identity = Identity.open(data)
     except (IdentityError, KeyFileError) as exc:
-        _fail(str(exc))
+        fail(str(exc), 2)
     info = identity.describe()
     identity.close()
     if as_json:

@@ -58,14 +58,18 @@ def exec_daemon(config: AgentConfig, log_level: str) -> None:
                               f"node={config.fleet}/{config.node_id}"])
 
 
+EXIT_SOFTWARE = 70  # sysexits.h EX_SOFTWARE: an internal error
+
+
 def run_agent(settings: AgentConfig) -> int:
     """Exit codes: 0 stopped by a signal; 2 a setting or file is wrong (config, key, identity, profile); 1 the
-    start failed otherwise (data directory in use or not writable, broker unreachable at the first connection)."""
+    start failed otherwise (data directory in use or not writable, broker unreachable at the first connection);
+    70 an internal error stopped it (crash-only: restart it)."""
     from .identity import IdentityError
-    from .keys import KeyFileError
+    from .runtime.keys import KeyFileError
     from .node import Agent
-    from .profiles import ProfileError
-    from .startup import DataLock, StartupError
+    from .runtime.profiles import ProfileError
+    from .runtime.startup import DataLock, StartupError
 
     try:
         # First of all: a second agent on this directory must be refused before it changes anything in it.
@@ -93,6 +97,13 @@ def run_agent(settings: AgentConfig) -> int:
         except StartupError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+        except Exception as exc:
+            # Crash-only: an unexpected error in the session loop stops the agent instead of leaving it half
+            # working. Accepted work and results are in the outbox; the service manager restarts the process.
+            logging.getLogger("fleetflow.agent").critical(
+                "the agent's session loop failed (%s: %s): stopping; restart it, its outbox keeps every result",
+                type(exc).__name__, exc, exc_info=True)
+            return EXIT_SOFTWARE
         return 0
 
     try:

@@ -19,10 +19,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from protocols import FleetflowError
+
 Output = dict[str, Any]
 
 
-class StepFailed(Exception):
+class StepFailed(FleetflowError):
     """The step ran and failed; the message is reported to the hub as the step's error."""
 
 
@@ -138,10 +140,11 @@ def make_shell(policy: ExecutorPolicy) -> Executor:
             # Children that outlive a finished step (daemonised or backgrounded) go too.
             _kill_group(pgid, signal.SIGKILL)
             ctx.on_process_group(None)
-        result = {"exit_code": code, "stdout": out.decode(errors="replace"), "stderr": err.decode(errors="replace"),
+        stderr = err.decode(errors="replace")
+        result = {"exit_code": code, "stdout": out.decode(errors="replace"), "stderr": stderr,
                   "stdout_truncated": out_total > limit, "stderr_truncated": err_total > limit}
         if code != 0:
-            tail = result["stderr"].strip().splitlines()[-1:] or [""]
+            tail = stderr.strip().splitlines()[-1:] or [""]
             raise StepFailed(f"shell: {argv[0]} exited with {code}" + (f": {tail[0][:200]}" if tail[0] else ""))
         return result
 
@@ -159,11 +162,11 @@ def _resolve_python(target: str, policy: ExecutorPolicy) -> Callable[..., Any]:
                 obj = getattr(obj, part)
         except (ImportError, AttributeError) as exc:
             raise StepFailed(f"python: cannot load {target!r}: {exc}") from None
-        return obj  # type: ignore[no-any-return]
+        return obj
     # An entry point name: installed packages declare these in the `fleetflow.steps` group.
     for ep in importlib.metadata.entry_points(group="fleetflow.steps"):
         if ep.name == target:
-            return ep.load()  # type: ignore[no-any-return]
+            return ep.load()
     raise StepFailed(f"python: no entry point {target!r} in group fleetflow.steps")
 
 

@@ -7,7 +7,7 @@ commands stay listed in `--help`, and say which extra to install (exit 2) instea
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
 from typing import Any
 
 import typer
@@ -17,9 +17,27 @@ from typer.core import TyperGroup
 # help shows them where the package cannot be imported; tests/unit/test_extras.py checks this against `register`.
 OPTIONAL_COMMANDS: dict[str, tuple[str, str]] = {
     "hub": ("hub", "hub"), "run": ("hub", "hub"), "nodes": ("hub", "hub"), "schema": ("hub", "hub"),
-    "validate": ("hub", "hub"), "demo": ("sim", "hub,broker"), "sim": ("sim", "hub"), "profiles": ("sim", "hub"),
+    "validate": ("hub", "hub"), "token": ("hub", "hub"), "audit": ("hub", "hub"), "journal": ("hub", "hub"), "broker": ("hub", "hub"),
+    "demo": ("sim", "hub,broker"), "sim": ("sim", "hub"), "profiles": ("sim", "hub"),
 }
-PACKAGES = ("hub", "sim")
+
+
+def _hub_commands(app: typer.Typer) -> None:
+    from hub.commands import register
+
+    register(app)
+
+
+def _sim_commands(app: typer.Typer) -> None:
+    from sim.commands import register
+
+    register(app)
+
+
+# The one place the agent package names the hub and the simulator: the `fleetflow` command is composed here, and each
+# package's commands are imported only when one of them is used.
+REGISTRARS: dict[str, Callable[[typer.Typer], None]] = {"hub": _hub_commands, "sim": _sim_commands}
+PACKAGES = tuple(REGISTRARS)
 # Top-level modules that only an extra brings (pydantic too: some typer releases depend on it, others do not).
 EXTRA_OF_MODULE = {"yaml": "hub", "pydantic": "hub", "pydantic_core": "hub", "fastapi": "hub", "starlette": "hub",
                    "uvicorn": "hub", "prometheus_client": "hub", "apscheduler": "hub", "httpx": "hub",
@@ -66,9 +84,8 @@ class RootGroup(TyperGroup):
         """Import `package.commands` and add its commands; False when an extra it needs is not installed."""
         if package not in self._packages:
             try:
-                module = importlib.import_module(f"{package}.commands")
                 holder = typer.Typer()
-                module.register(holder)
+                REGISTRARS[package](holder)
                 commands = typer.main.get_group(holder).commands
             except ModuleNotFoundError as exc:
                 if missing_extra(exc) is None:

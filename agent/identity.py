@@ -10,58 +10,27 @@ follows now, so it keeps working after a restart without being reconfigured.
 
 from __future__ import annotations
 
-import json
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import nacl.signing
 from tinydb import TinyDB
-from tinydb.storages import Storage
 
-from protocols import check_id, kid_for
+from protocols import FleetflowError, check_id, kid_for
 
-from .keys import load_key, write_new_key
+from .runtime.keys import load_key, read_private_text, write_new_key
+from .runtime.storage import DurableJSONStorage, write_private
 
 KEY_FILE = "node.key"
 DOC_FILE = "identity.json"
+BROKER_PASSWORD_FILE = "broker.password"
 
 
-class IdentityError(Exception):
+class IdentityError(FleetflowError):
     """The data directory belongs to another node or fleet, or cannot be used."""
-
-
-class DurableJSONStorage(Storage):
-    """TinyDB storage that replaces the file atomically and fsyncs it (TinyDB's default does neither)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = Path(path)
-
-    def read(self) -> dict[str, dict[str, Any]] | None:
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return None
-        return json.loads(text) if text.strip() else None
-
-    def write(self, data: dict[str, dict[str, Any]]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, json.dumps(data, indent=1, sort_keys=True).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass
@@ -92,7 +61,7 @@ class Identity:
             check_id(node_id, "node id")
             check_id(fleet, "fleet")
             db.table("identity").insert({"node_id": node_id, "fleet": fleet, "boot": 0, "enrolled": False})
-            doc = db.table("identity").get(doc_id=1)  # type: ignore[assignment]
+            doc = db.table("identity").get(doc_id=1)
         key_path = data_dir / KEY_FILE
         key = load_key(key_path) if key_path.exists() else write_new_key(key_path)
         return cls(data_dir, doc["node_id"], doc["fleet"], key, db)
@@ -157,6 +126,16 @@ class Identity:
         if pinned is not None and pinned != key and pinned.hex() not in retired:
             retired.append(pinned.hex())
         self._update(hub_key=key.hex(), hub_next_key=None, hub_retired_keys=retired[-16:])  # bounded
+
+    def broker_password(self) -> str:
+        """The password this node logs in to the broker with, as its node id, when it manages its own login (an
+        enrollment login is configured): made once, random, mode 0600 beside its key. The hub learns it from an
+        enroll request sent over the enrollment login; if the file is lost, a new one is made and sent the same
+        way, and the hub updates the login of the node's enrolled key."""
+        path = self.data_dir / BROKER_PASSWORD_FILE
+        if not path.exists():
+            write_private(path, secrets.token_urlsafe(32).encode() + b"\n")
+        return read_private_text(path, "broker password file")
 
     def intervals(self) -> tuple[float | None, float | None]:
         doc = self._doc()

@@ -1,9 +1,14 @@
-"""The agent's session logic: identity, enrollment, birth and death, heartbeats, telemetry, commands, outbox flush.
+"""The agent's asyncio shell: sessions, loops, and the effects of what `AgentProtocol` decides.
 
 One `Agent` per device. `run()` connects, and reconnects with exponential backoff and jitter, each session with a
 new boot. Before connecting it signs the death certificate (the Last Will) for that boot. `stop()` (SIGTERM) drains:
 no new work, running steps get the grace period, results are flushed and acknowledged, then the agent publishes
 its own death and disconnects cleanly.
+
+Every protocol decision (verifying commands and hub states, following hub keys, when to publish a new birth,
+enrollment verdicts) lives in `protocol.AgentProtocol`, which does no I/O. This shell moves bytes, runs the loops
+(reader, heartbeat, telemetry, flusher), and applies the protocol's outputs to the runner, the outbox, the identity
+files and the log. It reads time only through `clock_ms` and the event loop, so it runs on virtual time too.
 """
 
 from __future__ import annotations
@@ -13,24 +18,28 @@ import collections
 import contextlib
 import logging
 import random
-import time
-from collections.abc import Callable
+import sqlite3
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from protocols import (HUB_ID, Ack, Assign, Birth, Cancel, Config, Drain, Enroll, Heartbeat, HubState, Keyring,
-                       ProtocolError, Receiver, ReplayWindow, Signer, Telemetry, Topic, body_from_map, kid_for)
-from protocols.enrollment import enroll_proof
+from protocols import Heartbeat, Outgoing, ProtocolError, Receiver, ReplayWindow, kid_for
 
 from . import __version__
 from .config import AgentConfig, ConfigError
 from .executors import Executor, ExecutorPolicy, build_executors
 from .identity import Identity
 from .outbox import Outbox
-from .profiles import Profile, load_profile
+from .protocol import (Acked, AgentProtocol, CancelAttempts, Enrolled, EnrollRefused, HubSeen, HubTrust, Ignored,
+                       Load, NodeFacts, Output, PinHubKey, PublishBirth, Refused, RunAssign, SaveHubWindow, SetDrain,
+                       SetIntervals, SwitchHubKey, TrustNextHubKey)
 from .runner import Runner
-from .startup import broker_unreachable
-from .telemetry import OverlaySource, PsutilSource, TelemetrySource, now_ms
-from .transport import MqttTransport, Session, Transport, TransportError, Will, session_client_id
+from .runtime.backoff import Backoff
+from .runtime.clock import now_ms
+from .runtime.logs import ThrottledLog
+from .runtime.profiles import Profile, load_profile
+from .runtime.startup import StartupError, broker_unreachable
+from .runtime.transport import MqttTransport, Session, Transport, TransportError, Will, session_client_id
+from .telemetry import OverlaySource, PsutilSource, TelemetrySource
 
 log = logging.getLogger("fleetflow.agent")
 
@@ -39,44 +48,15 @@ HUB_STATE_WAIT_S = 2.0
 RESEND_AFTER = 15.0  # seconds without an ack before unacknowledged entries are sent again in the same session
 
 
-class Backoff:
-    """Exponential backoff with +-20% jitter, so a fleet that lost its broker does not reconnect in lockstep."""
-
-    def __init__(self, initial: float = 0.5, maximum: float = 30.0, rng: random.Random | None = None) -> None:
-        self.initial, self.maximum, self.rng = initial, maximum, rng or random.Random()
-        self.current = initial
-
-    def next(self) -> float:
-        delay = self.current * self.rng.uniform(0.8, 1.2)
-        self.current = min(self.maximum, self.current * 2)
-        return delay
-
-    def reset(self) -> None:
-        self.current = self.initial
-
-
 class _Stopped(Exception):
     """Ends a session's task group after a graceful stop."""
-
-
-class RateLimitedLog:
-    """Logs a refused message once per (sender, reason) per interval: an attacker cannot flood the log."""
-
-    def __init__(self, interval: float = 60.0) -> None:
-        self.interval = interval
-        self._last: dict[tuple[str, str], float] = {}
-
-    def warning(self, key: tuple[str, str], message: str) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -1e9) >= self.interval:
-            self._last[key] = now
-            log.warning(message)
 
 
 class Agent:
     def __init__(self, config: AgentConfig, *, transport: Transport | None = None,
                  telemetry: TelemetrySource | None = None, clock_ms: Callable[[], int] = now_ms,
-                 extra_executors: dict[str, Executor] | None = None, speed: float = 1.0) -> None:
+                 extra_executors: dict[str, Executor] | None = None, speed: float = 1.0,
+                 enroll_transport: Transport | None = None) -> None:
         self.config = config
         self.clock_ms = clock_ms
         self.identity = Identity.open(config.data, config.node_id, config.fleet)
@@ -85,27 +65,29 @@ class Agent:
         # Room kept for the largest result of every slot: accepted work can always report.
         self.outbox = Outbox(config.data / "outbox.sqlite", config.outbox_max_bytes,
                              reserve_bytes=slots * (config.max_step_bytes + 1024))
-        self.transport = transport or MqttTransport(config.broker_settings())
+        enroll_login = config.enroll_login_settings()
+        own_login = (config.own_login_settings(self.identity.broker_password()) if enroll_login is not None
+                     else config.broker_settings())
+        self.transport = transport or MqttTransport(own_login)
+        # With an enrollment login: where the node asks to enroll while the broker refuses its own login.
+        self.enroll_transport = enroll_transport or (MqttTransport(enroll_login) if enroll_login is not None else None)
         self.telemetry = telemetry or PsutilSource(str(config.data))
         if config.telemetry_file:
             self.telemetry = OverlaySource(self.telemetry, config.telemetry_file)
         hb, tel = self.identity.intervals()
-        self.hb_interval = float(hb or config.heartbeat or self.profile.heartbeat_s)
-        self.tel_interval = float(tel or config.telemetry or self.profile.telemetry_s)
         policy = ExecutorPolicy(shell=config.shell, shell_allow=config.shell_allow, python=config.python,
                                 python_allow=config.python_allow, extra=dict(extra_executors or {}))
         executors, disabled = build_executors(policy)
         self.runner = Runner(self.outbox, executors, disabled, slots, clock_ms, self._wake_flusher, config.max_step_bytes, speed)
-        self.signer = Signer(self.identity.key, config.fleet, config.node_id, boot=self.identity.boot)
-        self.hub_key = self._choose_hub_key()
-        # The pinned hub key, and during a hub key rotation the next key the hub announced (protocol section 7.2).
-        keyring = Keyring([(HUB_ID, k) for k in (self.hub_key, self.identity.hub_next_key) if k])
-        window = self._restore_hub_window()
-        self.receiver = Receiver(config.fleet, keyring, node_id=config.node_id,
-                                 windows={HUB_ID: window} if window else {})
-        self.rejected: collections.Counter[str] = collections.Counter()
-        self.topics = {kind: Topic.node(config.fleet, config.node_id, kind).value for kind in ("cmd", "enroll")}
-        self.hub_state_topic = Topic.hub_state(config.fleet).value
+        profile = self.profile
+        facts = NodeFacts(profile.name, __version__, {**profile.labels, **config.labels},
+                          tuple(sorted({*profile.capabilities, *self.runner.executors})), slots, profile.resources())
+        hub = HubTrust(self._choose_hub_key(), self.identity.hub_next_key, self._restore_hub_window())
+        self.protocol = AgentProtocol(
+            self.identity.key, config.fleet, config.node_id, boot=self.identity.boot, hub=hub, facts=facts,
+            intervals=(float(hb or config.heartbeat or profile.heartbeat_s),
+                       float(tel or config.telemetry or profile.telemetry_s)),
+            enrolled=self.identity.enrolled, enroll_token=config.enroll_token)
         self.session: Session | None = None
         self._stop_requested = asyncio.Event()
         self._stopped = False
@@ -114,17 +96,37 @@ class Agent:
         self._interval_changed = {"hb": asyncio.Event(), "tel": asyncio.Event()}
         self._enrolled = asyncio.Event()
         self._hub_key_known = asyncio.Event()
-        if self.identity.enrolled:
+        if self.protocol.enrolled:
             self._enrolled.set()
         if self.hub_key:
             self._hub_key_known.set()
-        self._refusals = RateLimitedLog()
+        # On the agent's clock, not the machine's: a simulation on virtual time throttles the same way.
+        self._refusals = ThrottledLog(log, interval=60.0, clock=lambda: self.clock_ms() / 1000)
         self._publishing: set[asyncio.Task[None]] = set()
-        # Rebirth (protocol section 8a): the newest hub state seen, and the one our last birth answered.
-        self._hub_seen: tuple[int, int] | None = None
         self._hub_state_now = asyncio.Event()   # a hub state arrived in this session
-        self._birth_for: tuple[int, int] | None = None
-        self._birth_sent = False
+
+    # -- what tests and the simulator read ---------------------------------------------------------------------------
+
+    @property
+    def receiver(self) -> Receiver:
+        return self.protocol.receiver
+
+    @property
+    def hub_key(self) -> bytes | None:
+        return self.protocol.hub_key
+
+    @property
+    def rejected(self) -> collections.Counter[str]:
+        """Refused messages by reason (heartbeats report them)."""
+        return self.protocol.rejected
+
+    @property
+    def hb_interval(self) -> float:
+        return self.protocol.hb_interval
+
+    @property
+    def tel_interval(self) -> float:
+        return self.protocol.tel_interval
 
     # -- setup -----------------------------------------------------------------------------------------------------
 
@@ -199,18 +201,22 @@ class Agent:
         if recovered:
             log.warning("reported %d attempt(s) interrupted by the last stop as failed", len(recovered))
         telemetry = asyncio.create_task(self._telemetry_loop(), name="telemetry")
-        backoff = Backoff()
+        failures: list[BaseException] = []
+        # Crash-only across sessions too: the telemetry loop failing stops the agent (agent/daemon.py exits 70).
+        telemetry.add_done_callback(lambda task: self._background_failed(task, failures))
+        # Seeded per node and start: nodes still spread out, and a simulation replays the same delays.
+        backoff = Backoff(rng=random.Random(f"{self.config.node_id}/{self.identity.boot}"))
         connected = False
         try:
             while not self.stopping:
-                boot = self.identity.next_boot()
-                self.signer.new_boot(boot)
-                will = self.signer.death_certificate(self.clock_ms(), "lost")
+                self.protocol.new_session(self.identity.next_boot())
+                will = self.protocol.death_certificate(self.clock_ms(), "lost")
                 failure: TransportError | None = None
+                entered = False
                 try:
                     async with self.transport.connect(session_client_id(self.config.node_id),
                                                       Will(will.topic, will.payload, qos=1)) as session:
-                        connected = True
+                        connected = entered = True
                         backoff.reset()
                         await self._session(session)
                 except* TransportError as group:
@@ -219,10 +225,18 @@ class Agent:
                     pass
                 finally:
                     self.session = None
+                asked = False
+                if failure is not None and not entered and self.enroll_transport is not None and not self.stopping:
+                    refused = await self._ask_over_enroll_login()
+                    if refused is None:
+                        asked = connected = True  # the broker is there, and waits for the hub
+                    elif first_connection_required and not connected:
+                        raise self._enroll_login_failed(refused)
                 if failure is not None:
                     if first_connection_required and not connected and not self.stopping:
                         raise broker_unreachable(self.config.broker, failure)
-                    log.warning("broker connection: %s", failure)
+                    # Refused while the hub has not set up this node's login: the request's own line says so.
+                    (log.debug if asked else log.warning)("broker connection: %s", failure)
                 if self.stopping:
                     break
                 delay = backoff.next()
@@ -233,18 +247,26 @@ class Agent:
                 await self.runner.drain_and_stop(self.config.grace_period)
         finally:
             telemetry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # its failure is raised below
                 await telemetry
             self.outbox.close()
             self.identity.close()
+        if failures:
+            raise failures[0]
+
+    def _background_failed(self, task: asyncio.Task[None], failures: list[BaseException]) -> None:
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            failures.append(error)
+            log.critical("the agent's %s loop failed (%s: %s): stopping", task.get_name(), type(error).__name__, error)
+            self.stop()
 
     async def _session(self, session: Session) -> None:
-        await session.subscribe(self.topics["cmd"], qos=1)
-        await session.subscribe(self.hub_state_topic, qos=1)
+        await session.subscribe(self.protocol.cmd_topic, qos=1)
+        await session.subscribe(self.protocol.hub_state_topic, qos=1)
         self.session = session
-        self._birth_sent = False
         self._hub_state_now.clear()
-        log.info("connected as %s boot %d", self.config.node_id, self.signer.boot)
+        log.info("connected as %s boot %d", self.config.node_id, self.protocol.boot)
         async with asyncio.TaskGroup() as group:
             group.create_task(self._reader(session), name="reader")
             group.create_task(self._start(session, group), name="start")
@@ -261,22 +283,10 @@ class Agent:
         group.create_task(self._flusher(session), name="flusher")
 
     async def _publish_birth(self, session: Session) -> None:
-        birth = Birth(self.profile.name, __version__, {**self.profile.labels, **self.config.labels},
-                      tuple(sorted({*self.profile.capabilities, *self.runner.executors})), self.runner.running_refs(),
-                      self.outbox.depth(), self.runner.slots, self.hb_interval, self.tel_interval,
-                      self.profile.resources())
-        self._birth_for = self._hub_seen
-        await self._publish(session, self.signer.seal(birth, self.clock_ms()), qos=1)
-        self._birth_sent = True
+        birth = self.protocol.birth(self.runner.running_refs(), self.outbox.depth(), self.clock_ms())
+        await self._publish(session, birth, qos=1)
 
-    def _rebirth(self, why: str) -> None:
-        session = self.session
-        if session is None or not self._birth_sent:
-            return  # the session's first birth is still to come and answers this too
-        log.info("publishing a new birth: %s", why)
-        self._spawn(self._publish_birth(session))
-
-    async def _publish(self, session: Session, out: Any, qos: int) -> None:
+    async def _publish(self, session: Session, out: Outgoing, qos: int) -> None:
         await session.publish(out.topic, out.payload, qos=qos)
 
     def _spawn(self, coroutine: Any) -> None:
@@ -294,139 +304,133 @@ class Agent:
     async def _enroll(self, session: Session) -> None:
         if self._enrolled.is_set():
             return
-        backoff = Backoff(1.0, 60.0)
-        config, key = self.config, self.identity.public_key
-        # The token never leaves the device: the request carries a MAC bound to this fleet, node id and key.
-        proof = enroll_proof(config.enroll_token, config.fleet, config.node_id, key) if config.enroll_token else None
-        log.info("asking the hub to enroll node %s with kid %s%s", config.node_id, self.signer.kid.hex(),
-                 " (with the enroll token's proof)" if proof else "")
+        backoff = Backoff(1.0, 60.0, rng=random.Random(f"{self.config.node_id}/{self.protocol.boot}/enroll"))
+        log.info("asking the hub to enroll node %s with kid %s%s", self.config.node_id, self.protocol.kid.hex(),
+                 " (with the enroll token's proof)" if self.protocol.enroll_proof else "")
         while not self._enrolled.is_set():
             if not self._hub_key_known.is_set():
                 log.info("waiting for the hub's state message to learn its key (no --hub-key given)")
                 await self._hub_key_known.wait()
-            request = Enroll(key, self.profile.name, {**self.profile.labels, **config.labels}, proof)
-            await self._publish(session, self.signer.seal(request, self.clock_ms()), qos=1)
+            await self._publish(session, self.protocol.enroll_request(self.clock_ms()), qos=1)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._enrolled.wait(), backoff.next())
         log.info("enrolled with the hub")
 
-    # -- receiving -------------------------------------------------------------------------------------------------
+    async def _ask_over_enroll_login(self) -> TransportError | None:
+        """The broker refused this node's own login: the hub has not set it up yet (the node is new or pending, or
+        the hub lost the password), or an operator revoked the node. Ask to enroll over the shared enrollment login,
+        whose ACL lets it publish enroll requests and nothing else, with the password this node logs in with: once
+        the hub accepts the key, it gives the broker that login. No Last Will: that login may not publish one."""
+        assert self.enroll_transport is not None
+        request = self.protocol.enroll_request(self.clock_ms(), self.identity.broker_password())
+        try:
+            async with self.enroll_transport.connect(session_client_id(self.config.node_id), None) as session:
+                await self._publish(session, request, qos=1)
+        except TransportError as exc:
+            return exc
+        self._refusals.warning(("login", "refused"), f"the broker refuses this node's own login ({self.config.node_id}"
+                               f"): asked the hub over the enrollment login to enroll kid {self.protocol.kid.hex()} "
+                               f"and set up that login; the node connects once the hub accepts it")
+        return None
+
+    def _enroll_login_failed(self, error: TransportError) -> StartupError:
+        cause = str(error.__cause__ or error)
+        if not cause.startswith("[code:"):  # no broker answered: the URL, port or TLS settings
+            return broker_unreachable(self.config.broker, error)
+        return StartupError(f"the broker at {self.config.broker} (--broker) refused this node's own login and the "
+                            f"enrollment login {self.config.enroll_username!r}: {cause}; check enroll_username and "
+                            f"FLEETFLOW_ENROLL_PASSWORD")
+
+    # -- receiving: the protocol decides, the shell applies ---------------------------------------------------------
 
     async def _reader(self, session: Session) -> None:
         async for topic, payload in session.messages():
-            if topic == self.hub_state_topic:
-                self._on_hub_state(topic, payload)
-                continue
-            try:
-                message = self.receiver.receive(topic, payload, self.clock_ms())
-            except ProtocolError as exc:
-                self.rejected[exc.reason] += 1
-                self._refusals.warning(("cmd", exc.reason), f"refused a command: {exc.reason}: {exc}")
-                continue
-            self._save_hub_window(self.receiver.windows[HUB_ID])
-            self._on_command(message.body)
+            self._apply(self.protocol.receive(topic, payload, self.clock_ms()))
 
     def _on_hub_state(self, topic: str, payload: bytes) -> None:
-        # The retained state is delivered again on every subscribe, so it is verified but not replay-checked.
-        try:
-            if self.hub_key is None:  # only with --trust-first-hub-key: without it the agent does not start
-                key = self.receiver.hub_key_from_state(topic, payload)
-                log.warning("TRUST ON FIRST USE: pinned hub key %s from the first hub state seen on the broker; "
-                            "whoever published it now commands this node. Check it against the public key that "
-                            "`hub identity` prints on the hub machine, and configure --hub-key", key.hex())
-                self.identity.pin_hub_key(key)
-                self.hub_key = key
-                self.receiver.keyring.add(HUB_ID, key)
-                self._hub_key_known.set()
-            message, signed_by = self.receiver.open_hub_state(topic, payload)
-        except ProtocolError as exc:
-            self.rejected[exc.reason] += 1
+        self._apply(self.protocol.receive(topic, payload, self.clock_ms()))
+
+    def _apply(self, outputs: Iterable[Output]) -> None:
+        for out in outputs:
+            match out:
+                case RunAssign(assign):
+                    reason = self.runner.assign(assign)
+                    if reason:
+                        log.info("refused step %s of run %s (attempt %s): %s", assign.step, assign.run,
+                                 assign.attempt, reason)
+                case CancelAttempts(refs, reason):
+                    self.runner.cancel(refs, reason)
+                case SetDrain(on):
+                    self.runner.draining = on
+                case SetIntervals(hb, tel):
+                    self.identity.save_intervals(hb, tel)
+                    for event in self._interval_changed.values():
+                        event.set()
+                case Acked(eids):
+                    self.outbox.remove(eids)
+                    self._ack_seen.set()
+                case SaveHubWindow(window):
+                    self._save_hub_window(window)
+                case Refused() | Ignored():
+                    self._log_refusal(out)
+                case PinHubKey() | SwitchHubKey() | TrustNextHubKey():
+                    self._keep_hub_key(out)
+                case Enrolled() | EnrollRefused():
+                    self._on_enroll_verdict(out)
+                case HubSeen(online):
+                    self._hub_state_now.set()
+                    log.info("hub is %s", "online" if online else "offline")
+                case PublishBirth(why):
+                    session = self.session
+                    if session is not None:  # no session: the next one's first birth answers it
+                        log.info("publishing a new birth: %s", why)
+                        self._spawn(self._publish_birth(session))
+
+    def _log_refusal(self, out: Refused | Ignored) -> None:
+        if isinstance(out, Ignored):
+            log.debug("ignored %s", out.detail)
+        elif out.source == "cmd":
+            self._refusals.warning(("cmd", out.reason), f"refused a command: {out.reason}: {out.detail}")
+        else:
             hint = (" (if the hub rotated its key while this node was away, configure --hub-key with the key that "
-                    "`hub identity` prints on the hub machine)" if exc.reason == "unknown-key" else "")
-            self._refusals.warning(("hub_state", exc.reason), f"refused a hub state message: {exc.reason}: {exc}{hint}")
-            return
-        if not isinstance(message.body, HubState):
-            return
-        self._follow_hub_keys(signed_by, message.body)
-        self._hub_state_now.set()
-        log.info("hub is %s", "online" if message.body.online else "offline")
-        stamp = (message.header.boot, message.header.seq)
-        if message.body.online and (self._hub_seen is None or stamp > self._hub_seen):
-            self._hub_seen = stamp
-            # A hub that comes (back) online asks every node for a birth, as a Sparkplug host does: it may have
-            # missed ours (it restarted, or we reconnected to a restarted broker before it did).
-            if self._birth_for is None or stamp > self._birth_for:
-                self._rebirth(f"the hub came online (boot {stamp[0]})")
+                    "`hub identity` prints on the hub machine)" if out.reason == "unknown-key" else "")
+            self._refusals.warning(("hub_state", out.reason),
+                                   f"refused a hub state message: {out.reason}: {out.detail}{hint}")
 
-    def _follow_hub_keys(self, signed_by: bytes, state: HubState) -> None:
-        """A hub key rotation (protocol section 7.2), from a verified hub state: a state signed by the announced next
-        key means the hub switched (the old key is retired, no longer trusted); a next key announced by a key this
-        node trusts is trusted too. Both are persisted, so a restart with the old --hub-key keeps following."""
-        current = self.hub_key
-        if current is not None and signed_by != current:
-            self.identity.switch_hub_key(signed_by)
-            self.receiver.keyring.remove(kid_for(current))
-            self.hub_key = signed_by
+    def _keep_hub_key(self, out: PinHubKey | SwitchHubKey | TrustNextHubKey) -> None:
+        """Persists a hub key decision, so a restart (even with the old --hub-key) trusts what this run trusted."""
+        if isinstance(out, PinHubKey):
+            log.warning("TRUST ON FIRST USE: pinned hub key %s from the first hub state seen on the broker; "
+                        "whoever published it now commands this node. Check it against the public key that "
+                        "`hub identity` prints on the hub machine, and configure --hub-key", out.key.hex())
+            self.identity.pin_hub_key(out.key)
+            self._hub_key_known.set()
+        elif isinstance(out, SwitchHubKey):
+            self.identity.switch_hub_key(out.key)
             log.info("the hub switched to its next key kid %s; kid %s is retired and no longer trusted",
-                     kid_for(signed_by).hex(), kid_for(current).hex())
-        announced = state.next_key
-        if announced is None or announced == self.hub_key or announced == self.identity.hub_next_key:
-            return
-        superseded = self.identity.hub_next_key  # only the newest announcement of the current key counts
-        if superseded is not None:
-            self.receiver.keyring.remove(kid_for(superseded))
-        self.identity.announce_hub_key(announced)
-        self.receiver.keyring.add(HUB_ID, announced)
-        log.info("the hub announced its next key kid %s (signed by kid %s, which this node trusts): trusting it too",
-                 kid_for(announced).hex(), kid_for(signed_by).hex())
+                     kid_for(out.key).hex(), kid_for(out.retired).hex())
+        else:
+            self.identity.announce_hub_key(out.key)
+            log.info("the hub announced its next key kid %s (signed by kid %s, which this node trusts): trusting it "
+                     "too", kid_for(out.key).hex(), kid_for(out.signed_by).hex())
 
-    def _on_command(self, body: Any) -> None:
-        if isinstance(body, Assign):
-            reason = self.runner.assign(body)
-            if reason:
-                log.info("refused step %s of run %s (attempt %s): %s", body.step, body.run, body.attempt, reason)
-        elif isinstance(body, Ack):
-            if body.eids:
-                self.outbox.remove(body.eids)
-                self._ack_seen.set()
-            if body.enroll is not None:
-                self._on_enroll_verdict(body.enroll, body.kid)
-        elif isinstance(body, Cancel):
-            self.runner.cancel(body.attempts, body.reason)
-        elif isinstance(body, Drain):
-            self.runner.draining = body.on
-        elif isinstance(body, Config):
-            if body.rebirth:
-                self._rebirth("the hub asked for it (it does not hold this node online)")
-            self.hb_interval = body.hb or self.hb_interval
-            self.tel_interval = body.tel or self.tel_interval
-            self.identity.save_intervals(self.hb_interval, self.tel_interval)
-            for event in self._interval_changed.values():
-                event.set()
-
-    def _on_enroll_verdict(self, verdict: str, kid: bytes | None) -> None:
-        mine = self.signer.kid
-        if kid is not None and kid != mine:
-            # Another process asked for this node id with another key; the verdict is about that key, not ours.
-            log.debug("ignored an enroll verdict (%s) about kid %s", verdict, kid.hex())
-            return
-        node = self.config.node_id
-        if verdict == "accepted":
-            if not self._enrolled.is_set():
-                self.identity.set_enrolled(True)
-                self._enrolled.set()
-        elif verdict == "pending" and not self._enrolled.is_set():
+    def _on_enroll_verdict(self, out: Enrolled | EnrollRefused) -> None:
+        node, kid = self.config.node_id, out.kid.hex()
+        if isinstance(out, Enrolled):
+            self.identity.set_enrolled(True)
+            self._enrolled.set()
+        elif out.verdict == "pending":
             # No command to paste here: only the hub knows how its CLI reaches it; its log prints the whole command.
             log.info("waiting for an operator to accept node %s with kid %s (the hub's log prints the command)", node,
-                     mine.hex())
-        elif verdict == "taken":
+                     kid)
+        elif out.verdict == "taken":
             log.error("the hub refused this node's enrollment: node id %s is taken, it is enrolled with another key "
                       "(this node's kid is %s); use another --node-id, or have an operator re-key the node on the hub "
-                      "(revoke it, then add this node's public key %s); it keeps asking", node, mine.hex(),
+                      "(revoke it, then add this node's public key %s); it keeps asking", node, kid,
                       self.identity.public_key.hex())
-        elif verdict == "rejected":
+        elif out.verdict == "rejected":
             log.error("the hub rejected this node's enrollment (an operator rejected or revoked node %s, kid %s); "
-                      "it keeps asking", node, mine.hex())
+                      "it keeps asking", node, kid)
 
     # -- periodic work ---------------------------------------------------------------------------------------------
 
@@ -437,9 +441,12 @@ class Agent:
             await asyncio.wait_for(changed.wait(), seconds)
         changed.clear()
 
+    def _load(self) -> Load:
+        return Load(len(self.runner.running), self.runner.free_slots(), self.outbox.depth(),
+                    self.outbox.counter("shed"), self.runner.draining)
+
     def heartbeat(self) -> Heartbeat:
-        return Heartbeat(len(self.runner.running), self.runner.free_slots(), self.outbox.depth(),
-                         self.outbox.counter("shed"), dict(self.rejected), self.runner.draining)
+        return self.protocol.heartbeat_body(self._load())
 
     async def _heartbeat_loop(self, session: Session) -> None:
         """Fixed rate: the next heartbeat is due one interval after the previous one was due, not after it was
@@ -448,7 +455,7 @@ class Agent:
         due = loop.time()
         interval = self.hb_interval
         while True:
-            await self._publish(session, self.signer.seal(self.heartbeat(), self.clock_ms()), qos=0)
+            await self._publish(session, self.protocol.heartbeat(self._load(), self.clock_ms()), qos=0)
             if self.hb_interval != interval:
                 interval, due = self.hb_interval, loop.time()
             due += interval
@@ -463,11 +470,16 @@ class Agent:
             session = self.session
             if session is not None:
                 try:
-                    await self._publish(session, self.signer.seal(Telemetry(metrics), at), qos=0)
+                    await self._publish(session, self.protocol.telemetry(metrics, at), qos=0)
                     continue
                 except TransportError:
                     pass
-            self.outbox.add_telemetry({"metrics": metrics, "at": at}, at)
+            try:
+                self.outbox.add_telemetry({"metrics": metrics, "at": at}, at)
+            except sqlite3.Error as exc:  # disk full or read-only: telemetry is the first thing given up
+                self._refusals.warning(("telemetry", "disk"), f"telemetry sample dropped: the outbox cannot keep it "
+                                                             f"({exc})")
+                continue
             self._wake_flusher()
 
     async def _flusher(self, session: Session) -> None:
@@ -485,15 +497,14 @@ class Agent:
             if any(entry.kind == "evt" for entry in entries):
                 self.outbox.sync()  # one fsync for the batch, before anything in it leaves the device
             for entry in entries:
+                now = self.clock_ms()
                 if entry.kind == "tel":
-                    body: Any = Telemetry(entry.body["metrics"], entry.body.get("at"))
-                    qos = 0
+                    out, qos = self.protocol.telemetry(entry.body["metrics"], now, entry.body.get("at")), 0
                 else:
-                    body = body_from_map(entry.type, {**entry.body, "eid": entry.eid})
-                    qos = 1
+                    out, qos = self.protocol.outbox_entry(entry.type, entry.body, entry.eid, now), 1
                 # Not awaited: the client sends in call order, and an entry is deleted on the hub's ack, not on
                 # the broker's PUBACK, so waiting would only add a round trip between a step's events.
-                self._spawn(self._publish(session, self.signer.seal(body, self.clock_ms()), qos=qos))
+                self._spawn(self._publish(session, out, qos=qos))
             self.outbox.remove([e.eid for e in entries if e.kind == "tel"])
             cursor = entries[-1].eid
 
@@ -504,17 +515,17 @@ class Agent:
         log.info("stopping: no new work, %d running step(s) get %.0f s", len(self.runner.running),
                  self.config.grace_period)
         await self.runner.drain_and_stop(self.config.grace_period)
-        deadline = time.monotonic() + ACK_WAIT_ON_STOP
-        while self._unacked_events() and time.monotonic() < deadline:
+        loop = asyncio.get_running_loop()  # the loop's clock, so a simulation on virtual time waits virtually
+        deadline = loop.time() + ACK_WAIT_ON_STOP
+        while self._unacked_events() and loop.time() < deadline:
             self._ack_seen.clear()
             self._wake_flusher()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._ack_seen.wait(), max(0.05, deadline - time.monotonic()))
+                await asyncio.wait_for(self._ack_seen.wait(), max(0.05, deadline - loop.time()))
         # Death last: the hub must not move steps whose results are about to arrive.
-        await self._publish(session, self.signer.death_certificate(self.clock_ms(), "shutdown"), qos=1)
+        await self._publish(session, self.protocol.death_certificate(self.clock_ms(), "shutdown"), qos=1)
         self._stopped = True
         raise _Stopped()
 
     def _unacked_events(self) -> bool:
         return self.outbox.unacknowledged() > 0
-

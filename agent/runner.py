@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,7 +161,7 @@ class Runner:
         self._event(ref, "started")
         log.info("step %s of run %s started (attempt %s, fence %d, executor %s)", ref.step, ref.run, ref.attempt,
                  ref.fence, cmd.uses)
-        began = time.monotonic()
+        began = self.clock_ms()
         try:
             output = await asyncio.wait_for(self.executors[cmd.uses](dict(cmd.with_), ctx), cmd.timeout)
         except asyncio.TimeoutError:
@@ -176,7 +175,7 @@ class Runner:
             outcome = (False, {}, f"executor error: {type(exc).__name__}: {exc}")
         else:
             outcome = (True, output if isinstance(output, dict) else {"value": output}, None)
-        took = time.monotonic() - began
+        took = (self.clock_ms() - began) / 1000  # the agent's clock: virtual in a simulation
         if outcome[0]:
             log.info("step %s of run %s succeeded in %.1f s (attempt %s)", ref.step, ref.run, took, ref.attempt)
         else:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Protocol
 
 import psutil
@@ -97,7 +96,3 @@ class OverlaySource:
             metrics.update({str(k): float(v) for k, v in overlay.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
         return metrics
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000

@@ -21,8 +21,10 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from hubdouble import HubDouble  # noqa: E402
+
+from tests.agentprocess import AgentProcess  # noqa: E402
 from tests.brokers import Broker  # noqa: E402
-from tests.hubdouble import AgentProcess, HubDouble  # noqa: E402
 
 FLOOR = ("import asyncio, ssl, sqlite3, aiomqtt, paho.mqtt.client, cbor2, nacl.signing, psutil, tinydb; "
          "import time; time.sleep(3600)")

@@ -22,10 +22,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aiomqtt  # noqa: E402
+from hubdouble import NO_DELAY, HubDouble  # noqa: E402
 
 from protocols import Assign  # noqa: E402
+from tests.agentprocess import AgentProcess  # noqa: E402
 from tests.brokers import HOST, Broker  # noqa: E402
-from tests.hubdouble import NO_DELAY, AgentProcess, HubDouble  # noqa: E402
 
 
 def pct(values: list[float], p: float) -> float:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hub.events import NodeBorn, ResultReported, RunSubmitted, StepReported  # noqa: E402
+from hub.events import Event, NodeBorn, ResultReported, RunSubmitted, StepReported  # noqa: E402
 from hub.journal import Journal  # noqa: E402
 from hub.state import Core  # noqa: E402
 from hub.workflow import workflow_from_data  # noqa: E402
@@ -48,7 +48,7 @@ def build(path: Path, target: int) -> int:
     journal = Journal(path, snapshot_every=10**12)
     core = Core()
     now = 1_000
-    batch = [NodeBorn(now, f"n{i}", 1, "p", {}, ("echo",), 64, {}, (), 5.0) for i in range(50)]
+    batch: list[Event] = [NodeBorn(now, f"n{i}", 1, "p", {}, ("echo",), 64, {}, (), 5.0) for i in range(50)]
     run = 0
     written = 0
     snapshotted = False
@@ -73,7 +73,7 @@ def build(path: Path, target: int) -> int:
                 core.apply(decision)
             journal.append_now(decisions)
             written += len(decisions)
-            reports = []
+            reports: list[Event] = []
             for attempt in core.live_attempts():
                 reports.append(StepReported(now, attempt.node, attempt.id, attempt.fence, "started"))
                 reports.append(ResultReported(now, attempt.node, attempt.id, attempt.fence, True, {"v": 1}, None))

@@ -14,20 +14,18 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, NoReturn, Optional
+from typing import Any, Literal, Optional
 
 import typer
 
-TERMINAL = {"succeeded", "failed", "cancelled", "timed_out"}
+from agent.runtime.console import fail
+
+from .transitions import RUN_TERMINAL as TERMINAL  # noqa: F401 (run_commands reads it from here)
+
 Format = Literal["table", "wide", "json", "yaml"]
 WATCH_INTERVAL_S = 1.0
 MIN_WRAPPED = 20  # on a narrow terminal, the widest column wraps only if it keeps this much room
 _CLEAR = "\x1b[H\x1b[2J"  # cursor home, erase screen: a watch redraws in place on a terminal
-
-
-def fail(message: str, code: int) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def refuse_secret_flag(flag: str, instead: str) -> Any:
@@ -93,7 +91,7 @@ class Client:
 HubOpt = typer.Option(None, "--hub", help="Hub API URL [FLEETFLOW_HUB]")
 def _api_token(token_file: Optional[Path]) -> Optional[str]:
     """The API token from --token-file, FLEETFLOW_TOKEN or FLEETFLOW_TOKEN_FILE, in that order; never from argv."""
-    from agent.config import ConfigError, read_secret_file
+    from agent.runtime.settings import ConfigError, read_secret_file
 
     try:
         if token_file is not None:

@@ -103,11 +103,9 @@ class CloneWatch(Receiver):
 
 async def report_conflicts(hub: Hub, watch: CloneWatch) -> None:
     """Journal the evidence the receiver found; one log line when a node enters conflict."""
-    from agent.telemetry import now_ms
-
     while True:
         await asyncio.sleep(POLL_S)
-        for evidence in watch.take(now_ms()):
+        for evidence in watch.take(hub.clock()):
             node = hub.core.nodes.get(evidence.node)
             if node is None:
                 continue  # never born here: nothing to mark (its first birth starts the bookkeeping)

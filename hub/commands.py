@@ -1,5 +1,6 @@
 """Hub commands: `fleetflow hub run|identity|rotate-key|rotate-token`, `schema workflow|policy`, `validate`; `register` adds them, with the
-client commands of hub/run_commands.py and hub/node_commands.py, to the root command."""
+client commands of hub/run_commands.py, hub/node_commands.py and hub/token_commands.py, the audit commands of
+hub/audit_commands.py and `broker config` (hub/broker_commands.py), to the root command. Rotations done here on the data directory are audited (hub/audit.py)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,19 @@ from typing import Any, Optional
 
 import typer
 
-from .client import _meta, fail, refuse_secret_flag
+from agent.runtime.console import fail
+
+from .client import _meta, refuse_secret_flag
 from .keys import DEFAULT_KEY_OVERLAP, DEFAULT_TOKEN_OVERLAP
-from .config import DEFAULT_MIRROR_INTERVAL_S, DEFAULT_NODE_METRICS_MAX
+from .config import DEFAULT_KEEPALIVE_S, DEFAULT_MIRROR_INTERVAL_S, DEFAULT_NODE_METRICS_MAX
 from .limits import DEFAULT_LIMITS, MAX_DEPTH
 from .registry import DEFAULT_MAX_PENDING, DEFAULT_TOKEN_USES
 
 hub_app = typer.Typer(help="Run the hub, show its identity, rotate its key and API token.", no_args_is_help=True)
 schema_app = typer.Typer(help="Print JSON Schemas.", no_args_is_help=True)
+
+
+EXIT_SOFTWARE = 70  # sysexits.h EX_SOFTWARE: an internal error; systemd's Restart=on-failure restarts it
 
 
 # -- hub run / identity ----------------------------------------------------------------------------------------
@@ -61,6 +67,9 @@ def hub_run(broker: Optional[str] = typer.Option(
                                                                               "requires one [FLEETFLOW_CERT_FILE]"),
             key_file: Optional[str] = typer.Option(None, "--key-file", help="Key of the client certificate "
                                                                             "[FLEETFLOW_KEY_FILE]"),
+            keepalive: Optional[int] = typer.Option(
+                None, "--keepalive", metavar="S", help=f"MQTT keepalive of the hub's broker sessions, s "
+                f"(default: {DEFAULT_KEEPALIVE_S}) [FLEETFLOW_KEEPALIVE]"),
             policy: Optional[Path] = typer.Option(None, "--policy", help="Adaptation policy YAML (health, rules) "
                                                                          "[FLEETFLOW_POLICY]"),
             max_request_bytes: Optional[int] = typer.Option(
@@ -114,7 +123,11 @@ def hub_run(broker: Optional[str] = typer.Option(
                 "be sent again (default: cpu=2,mem=1,disk=1,temp=0.5; 0: every change) [FLEETFLOW_SPARKPLUG_DEADBAND]"),
             sparkplug_commands: Optional[bool] = typer.Option(
                 None, "--sparkplug-commands", help="Act on DCMD writes of Device Control/Drain (refused otherwise); "
-                "restrict who may publish DCMD with broker ACLs [FLEETFLOW_SPARKPLUG_COMMANDS]")
+                "restrict who may publish DCMD with broker ACLs [FLEETFLOW_SPARKPLUG_COMMANDS]"),
+            broker_admin_file: Optional[Path] = typer.Option(
+                None, "--broker-admin-file", help="JSON login (mode 0600) of a Mosquitto dynamic-security admin: the "
+                "hub gives each node it accepts a broker login of its own and disables it on revoke "
+                "(fleetflow broker config writes it) [FLEETFLOW_BROKER_ADMIN_FILE]")
             ) -> None:
     """Run the hub until SIGTERM or SIGINT. Every setting also comes from FLEETFLOW_<NAME> or the --config file
     (names as the flags, with underscores)."""
@@ -122,15 +135,17 @@ def hub_run(broker: Optional[str] = typer.Option(
     from .health import Policy, load_policy
     from .workflow import WorkflowError
 
-    from agent.keys import KeyFileError
-    from agent.startup import StartupError
+    from agent.runtime.keys import KeyFileError
+    from agent.runtime.startup import StartupError
 
-    from .service import Hub, OperatorError
+    from .errors import HubTaskFailed, OperatorError
+    from .service import Hub
 
     flags = {"broker": broker, "fleet": fleet, "data": data, "api": api, "auto_accept": auto_accept,
              "embedded_broker": embedded_broker, "enroll_token_file": enroll_token_file,
              "enroll_token_uses": enroll_token_uses, "max_pending": max_pending, "username": username,
-             "ca_file": ca_file, "cert_file": cert_file, "key_file": key_file, "policy": policy,
+             "ca_file": ca_file, "cert_file": cert_file, "key_file": key_file, "keepalive": keepalive,
+             "policy": policy,
              "max_request_bytes": max_request_bytes, "max_workflow_bytes": max_workflow_bytes,
              "max_workflow_steps": max_workflow_steps, "max_workflow_depth": max_workflow_depth,
              "max_workflow_aliases": max_workflow_aliases, "max_workflow_nodes": max_workflow_nodes,
@@ -138,7 +153,7 @@ def hub_run(broker: Optional[str] = typer.Option(
              "node_metrics": node_metrics, "node_metrics_max": node_metrics_max, "sparkplug": sparkplug,
              "sparkplug_group": sparkplug_group, "sparkplug_host": sparkplug_host,
              "sparkplug_node_id": sparkplug_node_id, "sparkplug_deadband": sparkplug_deadband,
-             "sparkplug_commands": sparkplug_commands}
+             "sparkplug_commands": sparkplug_commands, "broker_admin_file": broker_admin_file}
     try:
         settings = load_hub_settings({k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()},
                                      config_file)
@@ -155,6 +170,8 @@ def hub_run(broker: Optional[str] = typer.Option(
     config = settings.hub_config(rules)
 
     async def main() -> None:
+        from .embedded_broker import start_embedded_broker
+
         embedded = await start_embedded_broker(settings.broker) if settings.embedded_broker else None
         try:
             hub = Hub(config)
@@ -176,32 +193,15 @@ def hub_run(broker: Optional[str] = typer.Option(
         fail(str(exc), 1)
     except OSError as exc:
         fail(f"cannot start: {exc}", 1)
-
-
-async def start_embedded_broker(url: str) -> Any:
-    """An amqtt broker in this process, listening where the broker URL points."""
-    from urllib.parse import urlsplit
-
-    from amqtt.broker import Broker
-
-    # amqtt, and the state-machine library under it, log every connection and callback at INFO: that chatter is
-    # shown only when the hub logs at debug.
-    if not logging.getLogger().isEnabledFor(logging.DEBUG):
-        for name in ("amqtt", "transitions"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-    parts = urlsplit(url)
-    config = {"listeners": {"default": {"type": "tcp", "bind": f"{parts.hostname}:{parts.port or 1883}"}},
-              "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}}
-    broker = Broker(config)
-    await broker.start()
-    return broker
+    except HubTaskFailed as exc:  # logged with its traceback; a supervisor restarts the hub from its journal
+        fail(f"{exc}; the hub stopped (restart it: it resumes from its journal)", EXIT_SOFTWARE)
 
 
 @hub_app.command("identity")
 def hub_identity(data: Path = typer.Option(..., help="The hub's data directory"),
                  as_json: bool = typer.Option(False, "--json")) -> None:
     """Print the hub's public key (give it to agents as --hub-key), API URL and token file."""
-    from agent.keys import KeyFileError, load_key
+    from agent.runtime.keys import KeyFileError, load_key
 
     try:
         key = load_key(data / "hub.key")
@@ -216,7 +216,7 @@ def hub_identity(data: Path = typer.Option(..., help="The hub's data directory")
 
 def _rotation_info(data: Path) -> dict[str, Any]:
     """A key rotation under way, as `hub identity` shows it (nothing when there is none)."""
-    from agent.keys import KeyFileError
+    from agent.runtime.keys import KeyFileError
 
     from .keys import read_rotation, utc
 
@@ -254,14 +254,15 @@ def hub_rotate_key(data: Path = typer.Option(..., help="The hub's data directory
                    as_json: bool = typer.Option(False, "--json", help="Print JSON")) -> None:
     """Make the hub's next signing key (mode 0600). The hub announces it to the nodes, running or at its next start,
     and signs with it once the overlap has passed; nodes that trust the current key follow without reconfiguring."""
-    from agent.keys import KeyFileError
-    from agent.telemetry import now_ms
+    from agent.runtime.keys import KeyFileError, load_key
+    from agent.runtime.clock import now_ms
 
     from .keys import NEXT_KEY_FILE, RotationError, human, start_key_rotation
 
     seconds = _overlap(overlap)
     _hub_data(data, "hub.key")
     try:
+        previous = bytes(load_key(data / "hub.key").verify_key)
         rotation = start_key_rotation(data, seconds, now_ms())
     except KeyFileError as exc:
         fail(str(exc), 2)
@@ -271,6 +272,9 @@ def hub_rotate_key(data: Path = typer.Option(..., help="The hub's data directory
         fail(f"cannot write the next key in {data}: {exc.strerror or exc}", 1)
     info = {"next_key": rotation.next_key.hex(), "next_kid": rotation.kid, "overlap_s": seconds,
             "file": str(data / NEXT_KEY_FILE)}
+    # Signed by the next key, naming the current one: `audit verify` trusts the older key's entries through it.
+    _audit(data, "hub.rotate-key", rotation.kid, {"previous_key": previous.hex(), "next_key": rotation.next_key.hex(),
+                                                  "overlap_s": seconds}, _next_key(data, rotation.next_key))
     if as_json:
         typer.echo(json.dumps(info))
         return
@@ -287,8 +291,8 @@ def hub_rotate_token(data: Path = typer.Option(..., help="The hub's data directo
                      as_json: bool = typer.Option(False, "--json", help="Print JSON")) -> None:
     """Write a new API token to DATA/api.token (mode 0600); the previous one stays accepted for the overlap. A
     running hub takes both at its next request; clients given --data read the new one."""
-    from agent.keys import KeyFileError
-    from agent.telemetry import now_ms
+    from agent.runtime.keys import KeyFileError
+    from agent.runtime.clock import now_ms
 
     from .keys import RotationError, human, rotate_token, utc
 
@@ -303,9 +307,38 @@ def hub_rotate_token(data: Path = typer.Option(..., help="The hub's data directo
     except OSError as exc:
         fail(f"cannot write the new token in {data}: {exc.strerror or exc}", 1)
     info = {"token_file": str(data / "api.token"), "previous_until": utc(previous.until), "overlap_s": seconds}
+    _audit(data, "hub.rotate-token", "admin", {"overlap_s": seconds, "previous_until": previous.until})
     typer.echo(json.dumps(info) if as_json else
                f"new API token in {info['token_file']} (mode 0600); the previous token is accepted until "
                f"{info['previous_until']} ({human(seconds)}), then refused")
+
+
+def _next_key(data: Path, public: bytes) -> Any:
+    """The private key a rotation just made: hub.key.next, or hub.key if a running hub has switched to it already
+    (an overlap of 0)."""
+    from agent.runtime.keys import KeyFileError, load_key
+
+    for name in ("hub.key.next", "hub.key"):
+        try:
+            key = load_key(data / name)
+        except KeyFileError:
+            continue
+        if bytes(key.verify_key) == public:
+            return key
+    fail(f"the next key is made (see {data / 'key-rotation.json'}), but it is no longer in {data} to sign its "
+         f"audit entry", 1)
+
+
+def _audit(data: Path, action: str, target: str, params: dict[str, Any], key: Any = None) -> None:
+    """An entry in the hub's audit log for an action done here on the data directory (hub/audit.py)."""
+    from agent.runtime.keys import KeyFileError
+
+    from .audit import AuditError, append_local
+
+    try:
+        append_local(data, action, target, params, key)
+    except (KeyFileError, AuditError, OSError) as exc:
+        fail(f"{action} is done, but its audit entry cannot be written in {data}: {exc}", 1)
 
 
 # -- schema ------------------------------------------------------------------------------------------------------
@@ -334,6 +367,16 @@ def register(app: typer.Typer) -> None:
     app.add_typer(run_app, name="run")
     app.add_typer(nodes_app, name="nodes")
     app.add_typer(schema_app, name="schema")
+    from .audit_commands import audit_app
+    from .journal_commands import journal_app
+    from .token_commands import token_app
+
+    app.add_typer(token_app, name="token")
+    app.add_typer(audit_app, name="audit")
+    app.add_typer(journal_app, name="journal")
     from .validate import validate_command
 
     app.command("validate")(validate_command)
+    from .broker_commands import broker_app
+
+    app.add_typer(broker_app, name="broker")

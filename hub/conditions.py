@@ -14,11 +14,19 @@ import operator
 from dataclasses import dataclass
 from typing import Any
 
+from protocols import FleetflowError
+
 MAX_LENGTH = 1000
 MAX_NESTING = 32
+# Levels of the parsed expression: `- - - x` and `1 + 1 + 1` nest without brackets, and the checker and evaluator
+# recurse once per level, so a 1000-character chain would otherwise run out of Python stack.
+MAX_DEPTH = 64
+# Longest text or list a `+` may build: with the operands a run's inputs can hold, a chain of concatenations would
+# otherwise take gigabytes and minutes inside the hub's reducer.
+MAX_VALUE = 65_536
 
 
-class ConditionError(ValueError):
+class ConditionError(FleetflowError, ValueError):
     """A condition that cannot be parsed, uses something not allowed, or fails to evaluate."""
 
 
@@ -42,7 +50,7 @@ class Condition:
             return bool(_eval(self.tree.body, context))
         except ConditionError:
             raise
-        except (TypeError, ZeroDivisionError, ValueError) as exc:
+        except (TypeError, ArithmeticError, ValueError) as exc:  # OverflowError: 10**400 / 3 has no float
             raise ConditionError(f"condition {self.source!r}: {exc}") from None
 
 
@@ -63,10 +71,25 @@ def parse_condition(source: str) -> Condition:
         tree = ast.parse(source.strip(), mode="eval")
     except SyntaxError as exc:
         raise ConditionError(f"condition {source!r}: syntax error at column {exc.offset}") from None
+    except ValueError as exc:  # a lone surrogate (JSON allows "\ud800") cannot be encoded for the parser
+        raise ConditionError(f"condition {source!r}: {exc}") from None
+    levels = _depth(tree.body)
+    if levels > MAX_DEPTH:
+        raise ConditionError(f"condition nests {levels} operations deep; the limit is {MAX_DEPTH}")
     steps: set[str] = set()
     inputs: set[str] = set()
     _check(tree.body, source, steps, inputs)
     return Condition(source, tree, frozenset(steps), frozenset(inputs))
+
+
+def _depth(root: ast.AST) -> int:
+    """Levels of the tree, counted without recursion (the point is to refuse what recursion cannot walk)."""
+    deepest, stack = 0, [(root, 1)]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in ast.iter_child_nodes(node))
+    return deepest
 
 
 def _check(node: ast.AST, source: str, steps: set[str], inputs: set[str]) -> None:
@@ -156,7 +179,24 @@ def _eval(node: ast.AST, ctx: dict[str, Any]) -> Any:
             left = right
         return True
     if isinstance(node, ast.BinOp):
-        return _BINARY[type(node.op)](_eval(node.left, ctx), _eval(node.right, ctx))
+        return _arithmetic(node.op, _eval(node.left, ctx), _eval(node.right, ctx))
     if isinstance(node, (ast.List, ast.Tuple)):
         return [_eval(e, ctx) for e in node.elts]
     raise ConditionError(f"cannot evaluate {type(node).__name__}")
+
+
+def _arithmetic(op: ast.operator, left: Any, right: Any) -> Any:
+    """`+ - * / %` on numbers, and `+` joining two texts or two lists up to MAX_VALUE. Python's other meanings,
+    repetition (`'a' * 10**9`) and %-formatting (`'%.999999999f' % 1`), cost what the operands ask, so they are
+    refused like any other type mismatch."""
+    if isinstance(left, (int, float)) and isinstance(right, (int, float)):
+        return _BINARY[type(op)](left, right)
+    if isinstance(op, ast.Add) and type(left) is type(right) and isinstance(left, (str, list)):
+        if len(left) + len(right) > MAX_VALUE:
+            raise ConditionError(f"`+` would build a value of {len(left) + len(right)} items; the limit is {MAX_VALUE}")
+        return left + right
+    raise TypeError(f"unsupported operand types for {_SYMBOLS[type(op)]}: {type(left).__name__} and "
+                    f"{type(right).__name__}")
+
+
+_SYMBOLS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Mod: "%"}

@@ -22,14 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.config import (ConfigError, Parser, SettingsSpec, _bool, _broker, _id, _path, _positive_float, _positive_int,
-                          _text, int_between, layer_settings, read_secret_file)
+from agent.runtime.settings import (ConfigError, Parser, SettingsSpec, as_bool, as_broker_url, as_id, as_path,
+                                    as_positive_float, as_positive_int, as_text, int_between, layer_settings,
+                                    read_secret_file)
 
 from .limits import DEFAULT_LIMITS, MAX_DEPTH, Limits
 from .registry import DEFAULT_MAX_PENDING, DEFAULT_TOKEN_USES
 from .sparkplug.settings import DEFAULT_DEADBAND, DEFAULT_GROUP, SparkplugSettings, check_sparkplug_id, parse_deadband
 
 if TYPE_CHECKING:
+    from .broker_acl import BrokerLogin
     from .health import Policy
     from .service import HubConfig
 
@@ -43,17 +45,18 @@ DEFAULT_API = ("127.0.0.1", 8470)
 DEFAULT_MIRROR_INTERVAL_S = 1.0   # JSON mirror: one update per node and topic per second at most
 MAX_MIRROR_INTERVAL_S = 3600.0
 DEFAULT_NODE_METRICS_MAX = 1000  # nodes with per-node gauges (4 series each) at most
+DEFAULT_KEEPALIVE_S = 30  # as the agent's (agent/config.py)
 
 
 def _api(value: Any, where: str) -> tuple[str, int]:
-    host, sep, port = _text(value, where).rpartition(":")
+    host, sep, port = as_text(value, where).rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"{where}: {value!r}: expected HOST:PORT (port 0: any free port)")
     return host.strip("[]"), int(port)
 
 
 def _enroll_token(value: Any, where: str) -> str:
-    token = _text(value, where)
+    token = as_text(value, where)
     if len(token) < MIN_ENROLL_TOKEN:
         raise ConfigError(f"{where}: the enroll token has {len(token)} characters; use at least {MIN_ENROLL_TOKEN} "
                           f"random ones (e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
@@ -61,18 +64,27 @@ def _enroll_token(value: Any, where: str) -> str:
 
 
 def _enroll_token_file(value: Any, where: str) -> str:
-    return _enroll_token(read_secret_file(_text(value, where), where), where)
+    return _enroll_token(read_secret_file(as_text(value, where), where), where)
+
+
+def _broker_admin_file(value: Any, where: str) -> BrokerLogin:
+    from .broker_acl import BrokerAdminError, read_login_file
+
+    try:
+        return read_login_file(as_text(value, where))
+    except BrokerAdminError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _log_level(value: Any, where: str) -> str:
-    level = _text(value, where).lower()
+    level = as_text(value, where).lower()
     if level not in LOG_LEVELS:
         raise ConfigError(f"{where}: {value!r}: use one of {', '.join(LOG_LEVELS)}")
     return level
 
 
 def _mirror_interval(value: Any, where: str) -> float:
-    seconds = _positive_float(value, where)
+    seconds = as_positive_float(value, where)
     if seconds > MAX_MIRROR_INTERVAL_S:
         raise ConfigError(f"{where}: at most {MAX_MIRROR_INTERVAL_S:g} seconds, got {value!r}")
     return seconds
@@ -93,16 +105,19 @@ def _deadband(value: Any, where: str) -> dict[str, float]:
 
 
 PARSERS: dict[str, Parser] = {
-    "broker": _broker, "fleet": _id, "data": _path, "api": _api, "auto_accept": _bool, "embedded_broker": _bool,
-    "enroll_token": _enroll_token, "enroll_token_file": _enroll_token_file, "enroll_token_uses": _positive_int,
-    "max_pending": _positive_int, "username": _text, "password": _text, "ca_file": _text, "cert_file": _text,
-    "key_file": _text, "policy": _path, "max_request_bytes": _positive_int, "max_workflow_bytes": _positive_int,
-    "max_workflow_steps": _positive_int, "max_workflow_depth": int_between(1, MAX_DEPTH),
-    "max_workflow_aliases": int_between(0), "max_workflow_nodes": _positive_int, "log_level": _log_level,
-    "json_mirror": _bool, "json_mirror_interval": _mirror_interval, "node_metrics": _bool,
-    "node_metrics_max": _positive_int,
-    "sparkplug": _bool, "sparkplug_group": _sparkplug_id, "sparkplug_host": _sparkplug_id,
-    "sparkplug_node_id": _sparkplug_id, "sparkplug_deadband": _deadband, "sparkplug_commands": _bool,
+    "broker": as_broker_url, "fleet": as_id, "data": as_path, "api": _api, "auto_accept": as_bool,
+    "embedded_broker": as_bool,
+    "enroll_token": _enroll_token, "enroll_token_file": _enroll_token_file, "enroll_token_uses": as_positive_int,
+    "max_pending": as_positive_int, "username": as_text, "password": as_text, "ca_file": as_text, "cert_file": as_text,
+    "key_file": as_text, "keepalive": as_positive_int, "policy": as_path, "max_request_bytes": as_positive_int,
+    "max_workflow_bytes": as_positive_int,
+    "max_workflow_steps": as_positive_int, "max_workflow_depth": int_between(1, MAX_DEPTH),
+    "max_workflow_aliases": int_between(0), "max_workflow_nodes": as_positive_int, "log_level": _log_level,
+    "json_mirror": as_bool, "json_mirror_interval": _mirror_interval, "node_metrics": as_bool,
+    "node_metrics_max": as_positive_int,
+    "sparkplug": as_bool, "sparkplug_group": _sparkplug_id, "sparkplug_host": _sparkplug_id,
+    "sparkplug_node_id": _sparkplug_id, "sparkplug_deadband": _deadband, "sparkplug_commands": as_bool,
+    "broker_admin_file": _broker_admin_file,
 }
 HUB_SETTINGS = SettingsSpec(
     PARSERS, required=("broker", "fleet", "data"),
@@ -134,6 +149,7 @@ class HubSettings:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    keepalive: int = DEFAULT_KEEPALIVE_S
     policy: Path | None = None
     limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
     log_level: str = "info"
@@ -147,6 +163,7 @@ class HubSettings:
     sparkplug_node_id: str | None = None     # None: the fleet id
     sparkplug_deadband: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_DEADBAND))
     sparkplug_commands: bool = False
+    broker_admin_file: BrokerLogin | None = None  # read from the file: the login the hub manages node logins with
 
     def hub_config(self, policy: Policy) -> HubConfig:
         from .mirror import MirrorSettings
@@ -158,7 +175,8 @@ class HubSettings:
                          cert_file=self.cert_file, key_file=self.key_file, policy=policy, limits=self.limits,
                          json_mirror=MirrorSettings(self.json_mirror_interval) if self.json_mirror else None,
                          node_metrics=self.node_metrics_max if self.node_metrics else 0,
-                         sparkplug=self.sparkplug_settings())
+                         sparkplug=self.sparkplug_settings(), broker_admin=self.broker_admin_file,
+                         keepalive=self.keepalive)
 
     def sparkplug_settings(self) -> SparkplugSettings | None:
         if not self.sparkplug:

@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING
 
 from .events import (AttemptAssigned, BreakerChanged, Event, HealthChanged, NodeBorn, NodeDied, NodeFailed, NodeSeen,
                      NodeSuspected)
+from .transitions import AttemptState, Health, Liveness, RunState
 
 if TYPE_CHECKING:
-    from .state import Command, Core
+    from .fleet import Command
+    from .state import Core
 
 log = logging.getLogger("fleetflow.hub")
 _NODE_EVENTS = (NodeBorn, NodeSeen, NodeSuspected, NodeFailed, NodeDied)
@@ -34,7 +36,7 @@ def apply_logged(core: Core, event: Event) -> list[Command]:
     elif isinstance(event, BreakerChanged):
         log.warning("node %s: circuit breaker %s: %s", event.node, event.state.replace("_", "-"), event.reason)
     elif isinstance(event, HealthChanged):
-        log.log(logging.INFO if event.health == "healthy" else logging.WARNING, "node %s is %s: %s", event.node,
+        log.log(logging.INFO if event.health == Health.HEALTHY else logging.WARNING, "node %s is %s: %s", event.node,
                 event.health, event.reason)
     ended = len(core.finished) + len(core.archived) - ended
     if ended > 0:
@@ -65,7 +67,7 @@ def _node_changed(core: Core, event: NodeEvent, before: tuple[str, int, int] | N
     elif isinstance(event, NodeFailed):
         log.warning("node %s failed: %s%s", node.id, event.reason, lost)
     elif isinstance(event, NodeDied):
-        if node.state == "offline":
+        if node.state == Liveness.OFFLINE:
             log.info("node %s offline: it shut down%s", node.id, lost)
         else:
             log.warning("node %s failed: its death certificate says %s%s", node.id, event.reason, lost)
@@ -75,7 +77,7 @@ def _assigned(core: Core, event: AttemptAssigned) -> None:
     """A step placed again after its attempt was lost has moved: say from where, to where, and why."""
     step = core.runs[event.run].steps[event.step]
     previous = core.attempts.get(step.attempts[-2]) if len(step.attempts) > 1 else None
-    if previous is not None and previous.state == "lost":
+    if previous is not None and previous.state == AttemptState.LOST:
         log.info("step %s of run %s migrated from %s to %s (attempt %s): %s", event.step, event.run, previous.node,
                  event.node, event.attempt, previous.reason)
 
@@ -86,5 +88,5 @@ def _run_finished(core: Core, run_id: str) -> None:
         return
     took = (run.finished_at - run.submitted_at) / 1000
     error = f": {run.error[:300]}" if run.error else ""
-    log.log(logging.INFO if run.state == "succeeded" else logging.WARNING, "run %s (%s %s) %s in %.1f s%s", run.id,
-            run.workflow.name, run.workflow.version, run.state, took, error)
+    log.log(logging.INFO if run.state == RunState.SUCCEEDED else logging.WARNING, "run %s (%s %s) %s in %.1f s%s",
+            run.id, run.workflow.name, run.workflow.version, run.state, took, error)

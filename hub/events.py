@@ -3,6 +3,7 @@
 so the same journal always gives the same state.
 
 Every event carries `at`, the hub clock in ms when it happened: the reducer reads time only from events.
+`to_record`/`from_record` are the journal's codec for them; `JournalError` is what the journal raises.
 """
 
 from __future__ import annotations
@@ -10,6 +11,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from protocols import AttemptRef, FleetflowError
+
+
+class JournalError(FleetflowError, RuntimeError):
+    """A journal this hub cannot use (hub/journal.py), or a record in it it cannot read."""
+
+
+class SnapshotError(JournalError):
+    """A snapshot of another version, or malformed (hub/snapshot.py): the journal replays its events instead."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +59,7 @@ class NodeBorn(Event):
     caps: tuple[str, ...] = ()
     slots: int = 1
     resources: dict[str, float] = field(default_factory=dict)
-    running: tuple[tuple[str, str, str, int], ...] = ()   # (run, step, attempt, fence) the node still holds
+    running: tuple[AttemptRef, ...] = ()                  # the attempts the node still holds
     hb: float = 5.0
     tel: float = 10.0
 
@@ -230,12 +241,21 @@ EVENT_TYPES: dict[str, type[Event]] = {
 
 
 def to_record(event: Event) -> tuple[str, dict[str, Any]]:
-    return event.KIND, {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
+    """The event as plain data for the journal's CBOR; `from_record` reads it back."""
+    data = {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
+    if isinstance(event, NodeBorn):
+        data["running"] = [dataclasses.asdict(ref) for ref in event.running]
+    return event.KIND, data
 
 
 def from_record(kind: str, data: dict[str, Any]) -> Event:
     cls = EVENT_TYPES[kind]
     if cls is NodeBorn:
         data = {**data, "caps": tuple(data.get("caps", ())),
-                "running": tuple(tuple(r) for r in data.get("running", ()))}
+                "running": tuple(_attempt_ref(r) for r in data.get("running", ()))}
     return cls(**data)
+
+
+def _attempt_ref(record: Any) -> AttemptRef:
+    """A map {run, step, attempt, fence}, or a [run, step, attempt, fence] list as journals before it hold."""
+    return AttemptRef(**record) if isinstance(record, dict) else AttemptRef(*record)

@@ -16,9 +16,12 @@ import yaml
 
 from .runnable import FleetOffer
 from .scheduler import PLACEABLE_HEALTH, _used, candidates_for, eligible, fits
+from .transitions import Breaker, Liveness, StepState
 
 if TYPE_CHECKING:
-    from .state import Core, Node, Run, StepRun
+    from .fleet import Node
+    from .runs import Run, StepRun
+    from .state import Core
     from .workflow import Resources, Selector
 
 MAX_EXPLAINED = 100   # queued steps explained per run and request: the API answers on the hub's event loop
@@ -35,7 +38,7 @@ class _Fleet:
         self.nodes = sorted((n for n in core.nodes.values() if not n.removed), key=lambda n: n.id)
         self.eligible = [n for n in self.nodes if eligible(core, n)]
         # as in scheduler.place: a half-open breaker lets exactly one probe attempt through
-        self.free = {n.id: (1 if n.breaker == "half_open" else n.slots) - len(n.attempts) for n in self.eligible}
+        self.free = {n.id: (1 if n.breaker == Breaker.HALF_OPEN else n.slots) - len(n.attempts) for n in self.eligible}
         self.used = {n.id: _used(core, n) for n in self.eligible}
         self._offer: FleetOffer | None = None
 
@@ -49,7 +52,7 @@ def waiting_reasons(core: Core, run: Run, now: int) -> dict[str, str]:
     fleet = _Fleet(core)
     out: dict[str, str] = {}
     for step in run.steps.values():
-        if step.state != "queued":
+        if step.state != StepState.QUEUED:
             continue
         if len(out) >= MAX_EXPLAINED:
             out[step.id] = f"queued (only the first {MAX_EXPLAINED} queued steps of a run are explained)"
@@ -60,7 +63,7 @@ def waiting_reasons(core: Core, run: Run, now: int) -> dict[str, str]:
 
 def why_waiting(core: Core, run: Run, step: StepRun, now: int) -> str | None:
     """Why this step is not placed yet; None unless it is queued."""
-    return _why(_Fleet(core), run, step, now) if step.state == "queued" else None
+    return _why(_Fleet(core), run, step, now) if step.state == StepState.QUEUED else None
 
 
 def _why(fleet: _Fleet, run: Run, step: StepRun, now: int) -> str:
@@ -93,13 +96,13 @@ def _blocked(fleet: _Fleet, run: Run, step: StepRun, now: int) -> str:
         return "no node has joined the fleet"
     spec = step.spec
     selector, uses = spec.placement.selector, spec.uses
-    online = [n for n in fleet.nodes if n.state == "online"]
+    online = [n for n in fleet.nodes if n.state == Liveness.ONLINE]
     if not online:
         return f"no node is online ({_name_all(fleet.nodes, lambda n: n.state)})"
 
     def offline_that(test: Callable[[Node], bool]) -> str:
         """Nodes that would pass but are not online: the step runs when one comes back."""
-        others = [n for n in fleet.nodes if n.state != "online" and test(n)]
+        others = [n for n in fleet.nodes if n.state != Liveness.ONLINE and test(n)]
         return f" ({_name_all(others, lambda n: f'matches but is {n.state}')})" if others else ""
 
     def matched(n: Node) -> bool:
@@ -132,7 +135,8 @@ def _blocked(fleet: _Fleet, run: Run, step: StepRun, now: int) -> str:
     if placement.affinity:
         other = run.steps.get(placement.affinity)
         target = fleet.core.nodes.get(other.node) if other is not None and other.node else None
-        if target is not None and target.state == "online":  # as the scheduler: an affinity to a lost node is dropped
+        # as the scheduler: an affinity to a lost node is dropped
+        if target is not None and target.state == Liveness.ONLINE:
             if all(n.id != target.id for n in left):
                 return (f"affinity: it must run on {target.id}, where step {placement.affinity} ran, and {target.id} "
                         f"does not match what it needs (selector, executor {uses!r}, resources)")
@@ -155,9 +159,9 @@ def _busy(fleet: _Fleet, step: StepRun, node: Node, now: int) -> str:
         return "throttled (its health)"
     if node.health not in PLACEABLE_HEALTH:
         return node.health
-    if node.breaker == "open":
+    if node.breaker == Breaker.OPEN:
         return "circuit breaker open"
-    if node.breaker == "half_open" and node.attempts:
+    if node.breaker == Breaker.HALF_OPEN and node.attempts:
         return "circuit breaker half-open, its probe step still running"
     if node not in fleet.eligible:
         return "not eligible for placement"  # a filter added to scheduler.eligible and not described here yet
@@ -168,7 +172,7 @@ def _busy(fleet: _Fleet, step: StepRun, node: Node, now: int) -> str:
         what = f"its attempt {last.id} was {last.state}" + (f" ({last.reason})" if last.reason else "") if last else ""
         return f"avoided for {_seconds(until - now)}" + (f": {what}" if what else "")
     if fleet.free[node.id] <= 0:
-        slots = 1 if node.breaker == "half_open" else node.slots
+        slots = 1 if node.breaker == Breaker.HALF_OPEN else node.slots
         return f"busy ({len(node.attempts)} of {slots} slot{'s' if slots != 1 else ''} in use)"
     if not fits(step, node, fleet.used[node.id]):
         used = fleet.used[node.id]

@@ -20,10 +20,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .runnable import UnrunnablePolicy
+from .transitions import Health
 from .workflow import WorkflowError, load_model_text
 
 Action = Literal["throttle", "migrate", "circuit_break", "drain", "alert", "telemetry_rate"]
-HEALTH_ORDER = {"healthy": 0, "degraded": 1, "unhealthy": 2}
+HEALTH_ORDER = {Health.HEALTHY: 0, Health.DEGRADED: 1, Health.UNHEALTHY: 2}
 OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
 
 
@@ -88,9 +89,9 @@ class Policy(_Model):
                                              description="per metric, over the firmware profiles' own")
     profiles: dict[str, dict[str, Threshold]] = Field(default_factory=dict,
                                                       description="per firmware profile, per metric: overrides")
-    on_degraded: list[Action] = Field(default_factory=lambda: ["throttle"],
+    on_degraded: list[Action] = Field(default_factory=lambda: list[Action](["throttle"]),
                                       description="actions when a node becomes degraded")
-    on_unhealthy: list[Action] = Field(default_factory=lambda: ["throttle", "migrate"],
+    on_unhealthy: list[Action] = Field(default_factory=lambda: list[Action](["throttle", "migrate"]),
                                        description="actions when a node becomes unhealthy")
     triggers: list[Trigger] = Field(default_factory=list, description="metric rules mapped to actions")
     breaker: Breaker = Field(default_factory=Breaker, description="per-node circuit breaker on step failures")
@@ -122,8 +123,8 @@ def load_policy(path: Path) -> Policy:
 @dataclass(frozen=True)
 class HealthChange:
     node: str
-    health: str
-    previous: str
+    health: Health
+    previous: Health
     metric: str
     value: float
     threshold: float
@@ -162,7 +163,7 @@ class _Run:
 
 @dataclass
 class _MetricState:
-    state: str = "healthy"
+    state: Health = Health.HEALTHY
     over_high: _Run = field(default_factory=_Run)
     over_critical: _Run = field(default_factory=_Run)
     under_high: _Run = field(default_factory=_Run)
@@ -171,7 +172,7 @@ class _MetricState:
 
 @dataclass
 class _NodeState:
-    health: str = "healthy"
+    health: Health = Health.HEALTHY
     metrics: dict[str, _MetricState] = field(default_factory=dict)
     triggers: dict[int, _Run] = field(default_factory=dict)
     fired: set[int] = field(default_factory=set)
@@ -184,7 +185,7 @@ class HealthTracker:
         self.policy = policy
         self.nodes: dict[str, _NodeState] = {}
 
-    def seed(self, node: str, health: str, throttled: bool, metrics: list[str]) -> None:
+    def seed(self, node: str, health: Health, throttled: bool, metrics: list[str]) -> None:
         """After a hub restart: start from the journaled health, so recovery still has to be earned."""
         if node not in self.nodes:
             self.nodes[node] = _NodeState(health=health, throttled=throttled,
@@ -205,31 +206,31 @@ class HealthTracker:
             under_high = ms.under_high.update(value < threshold.high * (1 - p.hysteresis), at)
             under_critical = ms.under_critical.update(value < threshold.critical * (1 - p.hysteresis), at)
             new = ms.state
-            if ms.state != "unhealthy" and over_critical >= p.duration and ms.over_critical.since is not None:
-                new, used, held = "unhealthy", threshold.critical, over_critical
-            elif ms.state == "healthy" and over_high >= p.duration and ms.over_high.since is not None:
-                new, used, held = "degraded", threshold.high, over_high
-            elif ms.state == "unhealthy" and under_critical >= p.recovery and ms.under_critical.since is not None:
+            if ms.state != Health.UNHEALTHY and over_critical >= p.duration and ms.over_critical.since is not None:
+                new, used, held = Health.UNHEALTHY, threshold.critical, over_critical
+            elif ms.state == Health.HEALTHY and over_high >= p.duration and ms.over_high.since is not None:
+                new, used, held = Health.DEGRADED, threshold.high, over_high
+            elif ms.state == Health.UNHEALTHY and under_critical >= p.recovery and ms.under_critical.since is not None:
                 healthy = under_high >= p.recovery and ms.under_high.since is not None
-                new = "healthy" if healthy else "degraded"
+                new = Health.HEALTHY if healthy else Health.DEGRADED
                 used = threshold.high * (1 - p.hysteresis) if healthy else threshold.critical * (1 - p.hysteresis)
                 held = under_high if healthy else under_critical
-            elif ms.state == "degraded" and under_high >= p.recovery and ms.under_high.since is not None:
-                new, used, held = "healthy", threshold.high * (1 - p.hysteresis), under_high
+            elif ms.state == Health.DEGRADED and under_high >= p.recovery and ms.under_high.since is not None:
+                new, used, held = Health.HEALTHY, threshold.high * (1 - p.hysteresis), under_high
             if new != ms.state:
                 changes.append(HealthChange(node, new, ms.state, metric, value, used, round(held, 3), at))
                 ms.state = new
-        worst = max((m.state for m in ns.metrics.values()), key=HEALTH_ORDER.__getitem__, default="healthy")
+        worst = max((m.state for m in ns.metrics.values()), key=HEALTH_ORDER.__getitem__, default=Health.HEALTHY)
         actions: list[ActionDue] = []
         if worst != ns.health:
             previous, ns.health = ns.health, worst
             causes = [c for c in changes if c.health == worst]
             reason = causes[-1].reason if causes else f"health {previous} -> {worst}"
-            if worst == "healthy" and ns.throttled:
+            if worst == Health.HEALTHY and ns.throttled:
                 ns.throttled = False
                 actions.append(ActionDue(node, "unthrottle", f"recovered: {reason}", at))
             elif HEALTH_ORDER[worst] > HEALTH_ORDER[previous]:
-                wanted = p.on_unhealthy if worst == "unhealthy" else p.on_degraded
+                wanted = p.on_unhealthy if worst == Health.UNHEALTHY else p.on_degraded
                 actions += self._act(ns, node, list(wanted), reason, at, escalation=True)
         for index, trigger in enumerate(p.triggers):
             if trigger.metric not in metrics:

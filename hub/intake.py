@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from agent.runtime.logs import ThrottledLog
 from protocols import ProtocolError, Receiver
 
-from .throttle import ThrottledLog
+log = logging.getLogger("fleetflow.hub")
 
 BACKLOG_LASTS_MS: Final = 500
 LANES: Final = ("state", "heartbeat", "enroll", "telemetry")
@@ -73,7 +75,7 @@ class Intake:
         self.pressure_ms = 0  # last time the queues themselves were full (not one sender over its quota)
         self.backlog_ms = 0   # last time the socket had stayed saturated for BACKLOG_LASTS_MS
         self._saturated_since: int | None = None
-        self.log = ThrottledLog()
+        self.log = ThrottledLog(log, clock=lambda: self.clock_ms() / 1000)  # the hub's clock, even for log pacing
 
     # -- the aiomqtt side ------------------------------------------------------------------------------------------
 

@@ -4,29 +4,34 @@ writer thread (group commit: one fsync for every event that arrived meanwhile), 
 Restart = the latest snapshot + the events after it. The replay high-water mark of every sender (boot, highest seq,
 death certificate seen) is kept in a table of its own, upserted in the same transaction as the batch whose messages
 moved it: the marks are durable before anything those messages caused is acted on or acknowledged, and they cost
-one row per sender, not a journal that grows with every heartbeat. Snapshots are a cache: one of another format is ignored and
-the journal is replayed from the start instead. The schema is versioned; a journal of an unknown version is refused.
+one row per sender, not a journal that grows with every heartbeat. Snapshots are a cache, stored as CBOR of the core's
+plain-data form (hub/snapshot.py), never a pickle: one of another format or version, or one that cannot be read, is
+skipped (logged once per load) and the journal falls back to an older snapshot or a replay from the first event. The
+schema is versioned; a journal of an unknown version is refused.
 """
 
 from __future__ import annotations
 
 import asyncio
-import pickle
+import logging
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import cbor2
 
-from .events import Event, from_record, to_record
+from .events import Event, JournalError, SnapshotError, from_record, to_record
+from .snapshot import VERSION as SNAPSHOT_FORMAT
 from .state import Core
 
+__all__ = ["CommitStats", "Journal", "JournalError", "Mark", "SnapshotError"]
+
+log = logging.getLogger("fleetflow.hub.journal")
 SCHEMA_VERSION = 1
-SNAPSHOT_FORMAT = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, at INTEGER NOT NULL, kind TEXT NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS snapshots (seq INTEGER PRIMARY KEY, format INTEGER NOT NULL, data BLOB NOT NULL);
@@ -34,10 +39,6 @@ CREATE TABLE IF NOT EXISTS marks (sender TEXT PRIMARY KEY, boot INTEGER NOT NULL
                                   death_seen INTEGER NOT NULL);
 """
 Mark = tuple[int, int, bool]  # (boot, highest seq accepted, death certificate seen)
-
-
-class JournalError(RuntimeError):
-    pass
 
 
 def _encode(event: Event) -> tuple[int, str, bytes]:
@@ -53,9 +54,12 @@ class CommitStats:
 
 
 class Journal:
-    def __init__(self, path: Path, snapshot_every: int = 10_000) -> None:
+    def __init__(self, path: Path, snapshot_every: int = 10_000, inline: bool = False) -> None:
         self.path = Path(path)
         self.snapshot_every = snapshot_every
+        # `inline`: `append` commits on the calling thread, without a writer thread (and without group commit). For
+        # the deterministic simulation (sim/dst.py), where a thread's timing would make a run unrepeatable.
+        self.inline = inline
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -85,16 +89,19 @@ class Journal:
 
     def load(self) -> Core:
         """The latest usable snapshot plus the events after it."""
-        core, after = None, 0
+        core, after, skipped = None, 0, []
         for seq, fmt, data in self._db.execute("SELECT seq, format, data FROM snapshots ORDER BY seq DESC LIMIT 3"):
-            if fmt != SNAPSHOT_FORMAT:
-                continue
             try:
-                core = pickle.loads(data)
-                after = seq
+                if fmt != SNAPSHOT_FORMAT:  # 1 was a pickle: its bytes are never read
+                    raise SnapshotError(f"format {fmt}: this hub reads format {SNAPSHOT_FORMAT}")
+                core, after = Core.from_snapshot(cbor2.loads(data)), seq
                 break
-            except Exception:  # a snapshot is only a cache: fall back to an older one or a full replay
-                continue
+            except Exception as exc:  # a snapshot is a cache: whatever it raises, an older one or the replay serves
+                reason = str(exc) if isinstance(exc, SnapshotError) else f"{type(exc).__name__}: {exc}"
+                skipped.append(f"at event {seq}: {reason}")
+        if skipped:  # only a cache: an older snapshot or a replay from the first event gives the same state
+            log.warning("journal %s: skipped %d snapshot(s) (%s); %s", self.path, len(skipped), "; ".join(skipped),
+                        f"loading the one at event {after}" if core is not None else "replaying every event")
         core = core or Core()
         for _, event in self.events(after):
             core.apply(event)
@@ -102,11 +109,11 @@ class Journal:
 
     # -- writing -------------------------------------------------------------------------------------------------
 
-    def append_now(self, events: list[Event], marks: dict[str, Mark] | None = None) -> None:
+    def append_now(self, events: Sequence[Event], marks: dict[str, Mark] | None = None) -> None:
         """Synchronous durable append (tests, tools, benchmarks)."""
         self._write(events, marks or {})
 
-    def _write(self, events: list[Event], marks: dict[str, Mark]) -> None:
+    def _write(self, events: Sequence[Event], marks: dict[str, Mark]) -> None:
         started = time.perf_counter()
         rows = [(self.last_seq + i + 1, *_encode(e)) for i, e in enumerate(events)]
         self._db.execute("BEGIN")
@@ -128,6 +135,9 @@ class Journal:
         """Durable append (events, and replay marks that moved) from the event loop; concurrent callers share one
         commit."""
         if not events and not marks:
+            return
+        if self.inline:
+            self._write(events, marks or {})
             return
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)
@@ -168,7 +178,7 @@ class Journal:
 
     def snapshot(self, core: Core) -> None:
         """Store `core`, which must reflect exactly the events up to `last_seq`."""
-        data = pickle.dumps(core, protocol=pickle.HIGHEST_PROTOCOL)
+        data = cbor2.dumps(core.to_snapshot())
         self._db.execute("INSERT OR REPLACE INTO snapshots (seq, format, data) VALUES (?, ?, ?)",
                          (self.last_seq, SNAPSHOT_FORMAT, data))
         self._db.execute("DELETE FROM snapshots WHERE seq < (SELECT MIN(seq) FROM "

@@ -36,8 +36,9 @@ from typing import Any, Final
 
 import nacl.signing
 
-from agent.keys import KeyFileError, load_key, public_path, read_private_text, write_new_key
-from protocols import HubState, Signer, kid_for
+from agent.runtime.keys import KeyFileError, load_key, public_path, read_private_text, write_new_key
+from agent.runtime.storage import sync_dir, write_private
+from protocols import FleetflowError, HubState, Signer, kid_for
 
 log = logging.getLogger("fleetflow.hub")
 
@@ -54,7 +55,7 @@ DEFAULT_TOKEN_OVERLAP: Final = "1h"
 CHECK_S: Final = 1.0  # how often a connected hub looks for a rotation the CLI started, or one that is due
 
 
-class RotationError(Exception):
+class RotationError(FleetflowError):
     """A rotation that cannot be done; nothing was changed."""
 
 
@@ -93,28 +94,6 @@ def locked(data: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-def _sync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Replace `path` atomically with `data`, mode 0600 from the start, durable once this returns."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
-    _sync_dir(path.parent)
 
 
 def _stamp(*paths: Path) -> tuple[Any, ...]:
@@ -286,12 +265,12 @@ class HubKeys:
         plan_path, next_path = self._paths()
         key_path = self.data / KEY_FILE
         os.replace(next_path, key_path)
-        _sync_dir(self.data)
+        sync_dir(self.data)
         self.current, self.next = self.next, None
         with contextlib.suppress(FileNotFoundError):
             os.replace(public_path(next_path), public_path(key_path))
         plan_path.unlink()
-        _sync_dir(self.data)
+        sync_dir(self.data)
         self.rotation = None
         self._stamp = _stamp(plan_path, next_path)
 

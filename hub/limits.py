@@ -33,7 +33,7 @@ def yaml_loader() -> type[Any]:
     """libyaml's loader when present: the pure-Python one takes seconds over a 256 KiB document."""
     import yaml
 
-    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # type: ignore[no-any-return]
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,11 @@ class _StateCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         core = self.hub.core
         nodes = GaugeMetricFamily("fleetflow_nodes", "Nodes by liveness", labels=["state"])
-        for state, count in sorted(collections.Counter(n.state for n in core.nodes.values()).items()):
+        for state, count in sorted(collections.Counter(str(n.state) for n in core.nodes.values()).items()):
             nodes.add_metric([state], count)
         yield nodes
         runs = GaugeMetricFamily("fleetflow_runs", "Runs by state", labels=["state"])
-        for state, count in sorted(collections.Counter(r.state for r in core.runs.values()).items()):
+        for state, count in sorted(collections.Counter(str(r.state) for r in core.runs.values()).items()):
             runs.add_metric([state], count)
         yield runs
         queue = GaugeMetricFamily("fleetflow_queue_steps", "Steps waiting for placement")

@@ -34,8 +34,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from agent.node import Backoff
-from agent.transport import MqttTransport, Session, Transport, TransportError, Will, session_client_id
+from agent.runtime.backoff import Backoff
+from agent.runtime.transport import MqttTransport, Session, Transport, TransportError, Will, session_client_id
 from protocols import Telemetry, check_id
 
 from . import __version__

@@ -191,7 +191,7 @@ def nodes_add(node_id: str, public_key: str = typer.Argument(..., help="64 hex c
               token_file: Optional[Path] = TokenFileOpt,
               data: Optional[Path] = DataOpt) -> None:
     """Enroll a node's key: before it first connects, or to re-key a revoked node (its device has a new key)."""
-    from agent.keys import KeyFileError, parse_public_key
+    from agent.runtime.keys import KeyFileError, parse_public_key
 
     try:
         key = parse_public_key(public_key)

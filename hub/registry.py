@@ -31,10 +31,12 @@ from typing import Any, Final
 
 from tinydb import TinyDB
 
-from agent.identity import DurableJSONStorage
+from agent.runtime.storage import DurableJSONStorage
+from agent.runtime.logs import ThrottledLog
 from protocols import HUB_ID, check_id, kid_for
 
-from .throttle import ThrottledLog
+from .errors import Conflict, NotFound, Unprocessable
+
 
 log = logging.getLogger("fleetflow.hub")
 
@@ -45,12 +47,18 @@ DEFAULT_MAX_PENDING: Final = 1_000
 DEFAULT_TOKEN_USES: Final = 1
 
 
-class RegistryError(ValueError):
+class RegistryError(Conflict):
     """An operator request the registry refuses (a conflict with what it holds)."""
 
 
-class NoSuchNode(RegistryError):
-    pass
+class NoSuchNode(RegistryError, NotFound):
+    status = NotFound.status
+
+
+class BadEntry(RegistryError, Unprocessable):
+    """An id or key that can never be enrolled (the hub's reserved id, a key of the wrong size)."""
+
+    status = Unprocessable.status
 
 
 class KeyMismatch(RegistryError):
@@ -114,7 +122,7 @@ class Registry:
                          key=lambda d: (d["requested_at"], d["id"]))
         self._pending: dict[str, None] = {d["id"]: None for d in pending}
         self._dirty = False
-        self.log = ThrottledLog()
+        self.log = ThrottledLog(log)
 
     def get(self, node_id: str) -> dict[str, Any] | None:
         return self._cache.get(node_id)
@@ -226,9 +234,9 @@ class Registry:
         so a mistyped id never takes over a working node."""
         check_id(node_id, "node id")
         if node_id == HUB_ID:
-            raise RegistryError(f"the node id {HUB_ID!r} is reserved for the hub")
+            raise BadEntry(f"the node id {HUB_ID!r} is reserved for the hub")
         if len(key) != 32:
-            raise RegistryError("a public key has 32 bytes")
+            raise BadEntry("a public key has 32 bytes")
         doc = self._cache.get(node_id)
         if doc is not None and doc["state"] == "accepted":
             if doc["key"] == key.hex():

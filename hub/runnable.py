@@ -24,9 +24,12 @@ from protocols.cbor import MAX_DEPTH
 from protocols.messages import UINT_MAX
 
 from .events import AttemptLost, Event, StepUnrunnable
+from .transitions import Liveness
 
 if TYPE_CHECKING:
-    from .state import Attempt, Core, Node, StepRun
+    from .fleet import Node
+    from .runs import Attempt, StepRun
+    from .state import Core
     from .workflow import Resources, Selector, Workflow
 
 UNANSWERED_REASON = "the node did not answer the assignment"
@@ -183,7 +186,7 @@ def unanswered(core: Core, attempt: Attempt, now: int) -> list[Event]:
     path's business. The step fails once the count reaches the limit."""
     node = core.nodes.get(attempt.node)
     # Heard from since both the assignment and the hub's (re)start, when every node's last_seen is set to "now".
-    counts = (node is not None and node.state == "online"
+    counts = (node is not None and node.state == Liveness.ONLINE
               and node.last_seen > max(attempt.assigned_at, core.loaded_at))
     out: list[Event] = [AttemptLost(now, attempt.id, UNANSWERED_REASON, counts=False, unanswered=counts)]
     run = core.runs[attempt.run]

@@ -13,20 +13,23 @@ from typing import TYPE_CHECKING
 
 from .events import AttemptAssigned, Event, StepUnrunnable
 from .runnable import FleetOffer, cannot_send
+from .transitions import Breaker, Health, Liveness
 
 if TYPE_CHECKING:
-    from .state import Core, Node, Run, StepRun
+    from .fleet import Node
+    from .runs import Run, StepRun
+    from .state import Core
 
-PLACEABLE_HEALTH = frozenset({"healthy", "degraded"})
+PLACEABLE_HEALTH = frozenset({Health.HEALTHY, Health.DEGRADED})
 
 
 def eligible(core: Core, node: Node) -> bool:
     """Alive, not draining, removed or throttled, healthy enough, and its breaker not open (half-open: one probe)."""
-    if node.state != "online" or node.draining or node.removed or node.throttled:
+    if node.state != Liveness.ONLINE or node.draining or node.removed or node.throttled:
         return False
-    if node.health not in PLACEABLE_HEALTH or node.breaker == "open":
+    if node.health not in PLACEABLE_HEALTH or node.breaker == Breaker.OPEN:
         return False
-    return node.breaker != "half_open" or not node.attempts
+    return node.breaker != Breaker.HALF_OPEN or not node.attempts
 
 
 def _used(core: Core, node: Node) -> dict[str, float]:
@@ -57,7 +60,7 @@ def candidates_for(core: Core, run: Run, step: StepRun, nodes: list[Node], free:
     if placement.affinity:
         other = run.steps.get(placement.affinity)
         target = core.nodes.get(other.node) if other is not None and other.node else None
-        if target is not None and target.state == "online":
+        if target is not None and target.state == Liveness.ONLINE:
             affinity_node = target.id  # a failed affinity target is ignored rather than blocking forever
     avoid = {run.steps[s].node for s in placement.anti_affinity if s in run.steps and run.steps[s].node}
     out = []
@@ -101,7 +104,7 @@ def place(core: Core, now: int, limit: int = 1000) -> list[Event]:
     if not nodes:
         return failed
     # a half-open breaker lets exactly one probe attempt through
-    free = {n.id: (1 if n.breaker == "half_open" else n.slots) - len(n.attempts) for n in nodes}
+    free = {n.id: (1 if n.breaker == Breaker.HALF_OPEN else n.slots) - len(n.attempts) for n in nodes}
     used = {n.id: _used(core, n) for n in nodes}
     load = {n.id: len(n.attempts) for n in nodes}
     ready.sort(key=lambda item: item[:4])

@@ -18,46 +18,48 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Coroutine, Iterable
 from typing import Any
 
 from nacl.signing import SigningKey
 from tinydb import TinyDB
 
-from agent.identity import DurableJSONStorage
-from agent.node import Backoff
-from agent.startup import DataLock, broker_unreachable
-from agent.telemetry import now_ms
-from agent.transport import (BrokerSettings, MqttTransport, Session, Transport, TransportError, Will,
-                             session_client_id)
-from protocols import (HUB_ID, Ack, Assign, AttemptRef, Birth, Cancel, Config, Death, Drain, Enroll, Heartbeat,
-                       Keyring, ProtocolError, ReplayWindow, Signer, StepEvent, StepResult, Telemetry)
-from protocols.envelope import DEFAULT_MAX_SIZE
+from agent.runtime.backoff import Backoff
+from agent.runtime.clock import Clock, now_ms
+from agent.runtime.startup import DataLock, broker_unreachable
+from agent.runtime.storage import DurableJSONStorage
+from agent.runtime.transport import (BrokerSettings, MqttTransport, Session, Transport, TransportError, Will,
+                                     session_client_id)
+from protocols import HUB_ID, Keyring, Outgoing, ReplayWindow, Signer
 
 from . import __version__
-from .eventlog import apply_logged
 from .clones import CloneWatch, report_conflicts
-from .events import (ActionTaken, Event, HealthChanged, HubLoadChanged, NodeBorn, NodeDied, NodeSeen,
-                     ResultReported, RunCancelRequested, RunSubmitted, StepReported)
+from .errors import HubTaskFailed, InternalError, NotFound, OperatorError, Unprocessable
+from .eventlog import apply_logged
+from .events import Event, HubLoadChanged, ResultReported, RunCancelRequested, RunSubmitted
 from .health import HealthTracker, LoadMonitor, Policy
 from .intake import Inbound, Intake
 from .journal import Journal, Mark
 from .keys import ApiTokens, HubKeys, ensure_token, follow_rotation
 from .limits import Limits
 from .metrics import HubMetrics
+from .broker_acl import BrokerClients, BrokerLogin
 from .mirror import JsonMirror, MirrorSettings
 from .node_admin import NodeAdmin, reset_stale_windows
+from .protocol import EnrollSettings, HubProtocol, NodeView, Reply
 from .registry import DEFAULT_MAX_PENDING, DEFAULT_TOKEN_USES, Registry
 from .runnable import workflow_problems
 from .sparkplug import NoBridge, SparkplugSettings, bridge_for
-from .state import Command, Core, SendAssign, SendCancel, SendConfig, SendDrain, compile_workflow
+from .state import Command, Core, compile_workflow
 from .workflow import Workflow, WorkflowError
 
 log = logging.getLogger("fleetflow.hub")
 
+__all__ = ["NODE_KINDS_READ", "Hub", "HubConfig", "NodeView"]
+
 DEFAULT_RUN_DEADLINE_S = 24 * 3600  # every run ends: one without a timeout gets this deadline
-COMMAND_TTL_MS = 60_000
 TICK_S = 0.1
-TIMER_SCAN_S = 0.1  # liveness, timeouts and breakers are scanned at most this often; placement after every batch
+TIMER_SCAN_MS = 100  # liveness, timeouts and breakers are scanned at most this often; placement after every batch
 BATCH = 2000
 READ_BURST = 256      # packets read per readiness of the broker socket
 # The hub is behind, and decides no liveness, while a message has waited BEHIND_MS in the intake, for
@@ -66,7 +68,6 @@ READ_BURST = 256      # packets read per readiness of the broker socket
 BEHIND_MS = 2000
 BACKLOG_GRACE_MS = 1000
 SHED_GRACE_MS = 5000
-REBIRTH_EVERY_MS = 5000  # a live node the hub does not hold online is asked for a birth at most this often
 NODE_KINDS_READ = ("enroll", "birth", "death", "hb", "tel", "evt")  # never `cmd`: our own commands
 
 
@@ -92,14 +93,13 @@ class HubConfig:
     sparkplug: SparkplugSettings | None = None  # a Sparkplug B edge node with its own MQTT session (hub/sparkplug/)
     json_mirror: MirrorSettings | None = None  # retained JSON copies for platforms without COSE (hub/mirror.py)
     node_metrics: int = 0  # per-node telemetry gauges for at most this many nodes; 0: none (hub/metrics.py)
+    broker_admin: BrokerLogin | None = None  # gives accepted nodes broker logins of their own (hub/broker_acl.py)
+    keepalive: int = 30  # s, of every MQTT session the hub opens; the broker gives up on a silent one after 1.5 x
 
-
-class OperatorError(Exception):
-    """An operator request that cannot be done; `status` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
+    def broker_settings(self) -> BrokerSettings:
+        """One shape for the broker connection: the hub's session, the Sparkplug and JSON mirror sessions."""
+        return BrokerSettings(self.broker, self.username, self.password, self.ca_file, self.cert_file, self.key_file,
+                              self.keepalive)
 
 
 @dataclass
@@ -115,62 +115,55 @@ class _BatchOut:
     durable with the batch), and the nodes born in it (their births are not applied to the core yet)."""
 
     acks: dict[str, list[int]] = field(default_factory=lambda: collections.defaultdict(list))
-    replies: list[tuple[str, Any]] = field(default_factory=list)
+    replies: list[Reply] = field(default_factory=list)
     senders: set[str] = field(default_factory=set)
     born: set[str] = field(default_factory=set)
 
 
-@dataclass
-class NodeView:
-    """What the hub knows of a node beyond the journal: latest heartbeat and telemetry (not journaled)."""
-
-    heartbeat: Heartbeat | None = None
-    telemetry: dict[str, float] = field(default_factory=dict)
-    telemetry_at: int = 0       # when `telemetry` was sampled, ms (0: no sample since the hub started)
-    version: str | None = None  # the agent's version, from its latest birth
-
-
 class Hub:
-    def __init__(self, config: HubConfig, transport: Transport | None = None) -> None:
+    def __init__(self, config: HubConfig, transport: Transport | None = None, clock: Clock = now_ms) -> None:
         self.config = config
+        # Every time the hub reads (ms since the epoch): a simulation hands it a virtual clock.
+        self.clock = clock
         data = Path(config.data)
-        # Before anything in the directory is read or changed: one hub per data directory (agent/startup.py).
+        # Before anything in the directory is read or changed: one hub per data directory (agent/runtime/startup.py).
         self.lock = DataLock.acquire(data)
         os.chmod(data, 0o700)
-        self.keys = HubKeys.open(data, now_ms())  # hub.key, and a key rotation under way (hub/keys.py)
+        self.keys = HubKeys.open(data, clock())  # hub.key, and a key rotation under way (hub/keys.py)
         self.meta = TinyDB(str(data / "hub.json"), storage=DurableJSONStorage)
         self.registry = Registry(data / "nodes.json")
         self.journal = Journal(data / "journal.sqlite", config.snapshot_every)
         self.core: Core = self.journal.load()
         self.core.policy = config.policy  # decisions already journaled keep the policy they were made under
-        self.core.after_load(now_ms())
-        self.tracker = HealthTracker(config.policy)
+        self.core.after_load(clock())
         self.load = LoadMonitor(config.policy.self_protection)
         self._profile_thresholds: dict[str, dict[str, dict[str, float]]] = {}
         self.tokens = ApiTokens(data)  # api.token, and the previous one during a rotation's overlap
         keyring = Keyring(self.registry.accepted_keys())
         # The receiver also reads what its replay check refuses: two devices with one identity (hub/clones.py).
-        self.receiver = self.clones = CloneWatch(config.fleet, keyring, windows=self._restore_windows())
+        receiver = CloneWatch(config.fleet, keyring, windows=self._restore_windows())
         boot = int((self.meta.get(doc_id=1) or {}).get("boot", 0)) + 1
         self._set_meta(boot=boot, fleet=config.fleet)
-        self.signer = Signer(self.key, config.fleet, HUB_ID, boot=boot)
-        self.intake = Intake(config.fleet, self.receiver, now_ms)
-        self.transport = transport or MqttTransport(BrokerSettings(config.broker, config.username, config.password,
-                                                                   config.ca_file, config.cert_file, config.key_file),
-                                                    incoming=lambda maxsize=0: self.intake, read_burst=READ_BURST,
-                                                    on_backlog=self.intake.note_backlog)
+        enrollment = EnrollSettings(config.auto_accept, config.enroll_token, config.enroll_token_uses,
+                                    config.max_pending)
+        self.protocol = HubProtocol(self.core, receiver, Signer(self.key, config.fleet, HUB_ID, boot=boot),
+                                    config.policy, enrollment, self._thresholds_of)
+        self.intake = Intake(config.fleet, receiver, clock)
+        self.transport = transport or MqttTransport(config.broker_settings(), incoming=lambda maxsize=0: self.intake,
+                                                    read_burst=READ_BURST, on_backlog=self.intake.note_backlog)
         self.metrics = HubMetrics(self)
-        self.views: dict[str, NodeView] = collections.defaultdict(NodeView)
+        self.metrics.rejected = self.protocol.refused  # counted where refused
         self.mirror = JsonMirror(self, config.json_mirror)  # does nothing unless --json-mirror
         self.sparkplug = bridge_for(self, config.sparkplug)  # a NoBridge, doing nothing, unless --sparkplug
+        self.broker_clients = BrokerClients(self, config.broker_admin)  # does nothing unless --broker-admin-file
         # What follows the hub's applied events and verified node messages, on the core loop (never blocking).
         self.observers: tuple[JsonMirror | NoBridge, ...] = (self.mirror, self.sparkplug)
         self.requests: collections.deque[_Request] = collections.deque()
         self.session: Session | None = None
         self._stop = asyncio.Event()
-        self._timers_at = 0.0
+        self.failure: HubTaskFailed | None = None  # set when a task of the hub failed: `run` raises it after stopping
+        self._timers_at = -TIMER_SCAN_MS
         self.liveness_paused = False
-        self._rebirth_asked: dict[str, int] = {}
         self.api_url: str | None = None
 
     def _restore_windows(self) -> dict[str, ReplayWindow]:
@@ -193,7 +186,7 @@ class Hub:
         return self.tokens.current
 
     def check_token(self, given: str) -> bool:
-        return self.tokens.check(given, now_ms())
+        return self.tokens.check(given, self.clock())
 
     def _set_meta(self, **fields: Any) -> None:
         table = self.meta.table("_default")
@@ -213,6 +206,25 @@ class Hub:
     @functools.cached_property
     def admin(self) -> NodeAdmin:
         return NodeAdmin(self)
+
+    # What the protocol object holds, by the names the API, the observers and the tools read.
+    @property
+    def receiver(self) -> CloneWatch:
+        return self.protocol.receiver
+
+    clones = receiver
+
+    @property
+    def signer(self) -> Signer:
+        return self.protocol.signer
+
+    @property
+    def views(self) -> dict[str, NodeView]:
+        return self.protocol.views
+
+    @property
+    def tracker(self) -> HealthTracker:
+        return self.protocol.tracker
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -237,7 +249,9 @@ class Hub:
 
     async def run(self, api: bool = True, first_connection_required: bool = True) -> None:
         """Serve until `stop()`. A first broker connection that fails raises `StartupError` (with
-        `first_connection_required`); a broker lost later is retried with backoff, forever."""
+        `first_connection_required`); a broker lost later is retried with backoff, forever. An unexpected exception
+        in any of the hub's tasks (the core loop, the API, ...) stops the hub and raises `HubTaskFailed` once
+        everything is closed."""
         tasks: list[asyncio.Task[None]] = []
         backoff = Backoff()
         connected = False
@@ -246,14 +260,15 @@ class Hub:
                 from .api import serve
 
                 # Bound before the broker is tried: a port in use stops the start, rather than leave a hub with no API.
-                tasks.append(asyncio.create_task(serve(self, self._listen()), name="api"))
-            tasks.append(asyncio.create_task(self._core_loop(), name="core"))
-            tasks.append(asyncio.create_task(self._monitor_load(), name="load"))
-            tasks.append(asyncio.create_task(report_conflicts(self, self.clones), name="conflicts"))
-            tasks.append(asyncio.create_task(self.mirror.run(self._stop), name="mirror"))
-            tasks.append(asyncio.create_task(self.sparkplug.run(), name="sparkplug"))
+                tasks.append(self._crash_only("API", serve(self, self._listen())))
+            tasks.append(self._crash_only("core loop", self._core_loop()))
+            tasks.append(self._crash_only("load monitor", self._monitor_load()))
+            tasks.append(self._crash_only("clone reports", report_conflicts(self, self.clones)))
+            tasks.append(self._crash_only("JSON mirror", self.mirror.run(self._stop)))
+            tasks.append(self._crash_only("Sparkplug bridge", self.sparkplug.run()))
+            tasks.append(self._crash_only("broker logins", self.broker_clients.run(self._stop)))
             while not self._stop.is_set():
-                offline = self.signer.seal(self.keys.state(False, __version__), now_ms())
+                offline = self.signer.seal(self.keys.state(False, __version__), self.clock())
                 failure: TransportError | None = None
                 try:
                     async with self.transport.connect(session_client_id(f"{self.config.fleet}.hub"),
@@ -263,6 +278,8 @@ class Hub:
                         await self._session(session)
                 except* TransportError as group:
                     failure = group.exceptions[0]  # type: ignore[assignment]
+                except* Exception as group:  # a bug of ours in the session: the same rule as the tasks'
+                    self._failed("broker session", "broker session failed", group.exceptions[0])  # type: ignore[arg-type]
                 finally:
                     self.session = None
                 if failure is not None:
@@ -281,6 +298,8 @@ class Hub:
             self.registry.close()
             self.meta.close()
             self.lock.release()
+        if self.failure is not None:
+            raise self.failure
 
     async def _session(self, session: Session) -> None:
         for kind in NODE_KINDS_READ:
@@ -293,7 +312,7 @@ class Hub:
         reader = asyncio.create_task(session.closed())
         stop = asyncio.create_task(self._stop.wait())
         keys = asyncio.create_task(follow_rotation(self.keys, self.signer, lambda: self._publish_state(session, True),
-                                                   now_ms))
+                                                   self.clock))
         try:
             done, _ = await asyncio.wait({reader, stop, keys}, return_when=asyncio.FIRST_COMPLETED)
             if reader in done:
@@ -311,10 +330,10 @@ class Hub:
         """The retained hub state, signed with the current key; during a key rotation it announces the next one, and
         the rotation's overlap starts once the broker has taken the first announcement."""
         state = self.keys.state(online, __version__)
-        out = self.signer.seal(state, now_ms())
+        out = self.signer.seal(state, self.clock())
         await session.publish(out.topic, out.payload, qos=1, retain=True)
         if online and state.next_key is not None:
-            self.keys.announced(now_ms())
+            self.keys.announced(self.clock())
 
     # -- the core loop -------------------------------------------------------------------------------------------
 
@@ -328,16 +347,54 @@ class Hub:
             batch.extend(self.intake.take(BATCH - len(batch)))
             try:
                 await self._process(batch)
-            except Exception:
-                log.exception("core loop error (the batch is dropped; the journal holds everything applied)")
-                for item in batch:
-                    if isinstance(item, _Request) and not item.future.done():
-                        item.future.set_exception(OperatorError("internal error", 500))
-                    elif isinstance(item, Inbound):  # acknowledged to the broker: counted, never silently gone
-                        self.intake.shed[(item.kind, "core-error")] += 1
+            except Exception as exc:
+                # Crash-only: state half-applied in memory is not trusted. The journal holds everything the hub
+                # acted on; what the batch carried that is not there yet was never acknowledged by the hub
+                # (agents send results again until acked, and births answer the restarted hub's state).
+                self._fail_requests(batch)
+                self._failed("core loop", f"core loop failed on a batch of {len(batch)}", exc)
+                return
+
+    # -- crash-only tasks ----------------------------------------------------------------------------------------
+
+    def _crash_only(self, task: str, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run one of the hub's long-running tasks under the core loop's rule: an unexpected exception stops the
+        hub (a hub quietly without its API, mirror or load monitor is worse than one a supervisor restarts)."""
+        running = asyncio.create_task(work, name=task)
+        running.add_done_callback(functools.partial(self._task_done, task))
+        return running
+
+    def _task_done(self, task: str, done: asyncio.Task[None]) -> None:
+        if done.cancelled():  # how the hub stops its tasks
+            return
+        exc = done.exception()
+        if isinstance(exc, Exception):  # a BaseException (SystemExit, KeyboardInterrupt) leaves the loop itself
+            self._failed(task, f"{task} task failed", exc)
+
+    def _failed(self, task: str, what: str, exc: Exception) -> None:
+        """The first failure stops the hub with one CRITICAL line; what fails after it (a request the stop refused,
+        a task torn down with the rest) is its consequence, logged quietly."""
+        if self.failure is not None:
+            log.debug("the hub's %s after it failed: %s: %s", what, type(exc).__name__, exc)
+            return
+        if self._stop.is_set():
+            log.warning("the hub's %s while the hub was stopping: %s: %s", what, type(exc).__name__, exc)
+            return
+        log.critical("the hub's %s (%s: %s): stopping; restart the hub, it resumes from its journal", what,
+                     type(exc).__name__, exc, exc_info=exc)
+        self._fail_requests(self.requests)
+        self.failure = HubTaskFailed(task, f"the hub's {what}: {type(exc).__name__}: {exc}")
+        self.failure.__cause__ = exc
+        self.stop()
+
+    @staticmethod
+    def _fail_requests(items: Iterable[Inbound | _Request]) -> None:
+        for item in items:
+            if isinstance(item, _Request) and not item.future.done():
+                item.future.set_exception(InternalError("the hub stopped on an internal error"))
 
     async def _process(self, batch: list[Inbound | _Request]) -> None:
-        now = now_ms()
+        now = self.clock()
         facts: list[Event] = []
         out = _BatchOut()
         requests: list[_Request] = []
@@ -364,12 +421,13 @@ class Hub:
                 for observer in self.observers:
                     observer.applied(fact)
                 self.metrics.count_adaptation(fact)
-        scan = time.monotonic() - self._timers_at >= TIMER_SCAN_S
+        scan_at = self.clock()
+        scan = scan_at - self._timers_at >= TIMER_SCAN_MS
         if scan:
-            self._timers_at = time.monotonic()
-        liveness = self._liveness(now_ms())
+            self._timers_at = scan_at
+        liveness = self._liveness(scan_at)
         for _ in range(5):  # decisions can enable further decisions (a loss re-queues what a placement then moves)
-            decisions = self.core.decide(now_ms(), timers=scan, liveness=liveness)
+            decisions = self.core.decide(self.clock(), timers=scan, liveness=liveness)
             if not decisions:
                 break
             await self.journal.append(decisions)
@@ -378,7 +436,7 @@ class Hub:
                 for observer in self.observers:
                     observer.applied(decision)
                 self.metrics.count_decision(decision)
-        applied = now_ms()
+        applied = self.clock()
         for item in batch:
             if not isinstance(item, _Request):
                 self.metrics.ingest_lag.observe((applied - item.at) / 1000)
@@ -386,7 +444,8 @@ class Hub:
         for request in requests:
             if not request.future.done():
                 request.future.set_result(request.result)
-        await self._send(commands, out.acks, out.replies, now)
+        if self.session is not None:  # nothing sent is lost: unanswered assignments time out and are placed again
+            await self._publish(self.protocol.outgoing(commands, out.acks, out.replies, now))
         if self.journal.snapshot_due():
             self.journal.snapshot(self.core)
 
@@ -394,8 +453,9 @@ class Hub:
         """False while the hub is behind (its intake was full recently, or a message has waited too long): a silence
         that may be the hub's own is not held against any node. On catching up every node gets a fresh window."""
         oldest = self.intake.oldest_ms()
-        behind = (now - self.intake.pressure_ms < SHED_GRACE_MS or (oldest is not None and now - oldest > BEHIND_MS)
-                  or now - self.intake.backlog_ms < BACKLOG_GRACE_MS or self.core.overloaded)
+        pressure, backlog = self.intake.pressure_ms, self.intake.backlog_ms  # 0: never (a clock may start near 0)
+        behind = bool((pressure and now - pressure < SHED_GRACE_MS) or (backlog and now - backlog < BACKLOG_GRACE_MS)
+                      or (oldest is not None and now - oldest > BEHIND_MS) or self.core.overloaded)
         if behind and not self.liveness_paused:
             log.warning("hub is behind (intake full or lagging): liveness decisions suspended")
         elif not behind and self.liveness_paused:
@@ -404,94 +464,37 @@ class Hub:
         self.liveness_paused = behind
         return not behind
 
-    def _ingest(self, item: Inbound, out: _BatchOut) -> list[Event]:
-        at = item.at
-        try:
-            message = self.receiver.receive(item.topic, item.payload, at)
-        except ProtocolError as exc:
-            self.metrics.rejected[exc.reason] += 1
-            self.intake.log.warning(exc.reason, f"refused {exc.reason}: {item.topic[:120]}: {exc}")
-            return []
-        header, body = message.header, message.body
-        node = header.src
-        self.metrics.messages.labels(header.type, "accepted").inc()
-        if isinstance(body, Enroll):
-            return self.admin.enroll(node, body, at, out.replies, out.senders)
+    def _ingest(self, item: Inbound, out: _BatchOut) -> tuple[Event, ...]:
+        got = self.protocol.receive(item.topic, item.payload, item.at, out.born)
+        if got.message is None:
+            exc = got.refused
+            if exc is not None:  # counted by the protocol
+                self.intake.log.warning(exc.reason, f"refused {exc.reason}: {item.topic[:120]}: {exc}")
+            return ()
+        node, body = got.message.header.src, got.message.body
+        self.metrics.messages.labels(got.message.header.type, "accepted").inc()
+        if got.enroll is not None:
+            self.admin.answer(got.enroll, out.replies, out.senders)  # the registry decides (hub/node_admin.py)
+            return ()
         out.senders.add(node)
-        if isinstance(body, Birth):
+        if got.born:
             out.born.add(node)
-        elif not isinstance(body, Death) and node not in out.born:
-            self._ask_rebirth(node, at, out.replies)
-        if self.core.touch(node, at):
-            seen: list[Event] = [NodeSeen(at, node)]
-        else:
-            seen = []
-        if isinstance(body, Heartbeat):
-            self.views[node].heartbeat = body
-        elif isinstance(body, Telemetry):
-            view = self.views[node]
-            view.telemetry, view.telemetry_at = dict(body.metrics), body.at or header.ts
-        elif isinstance(body, Birth):
-            self.views[node].version = body.version
+        if got.acks:
+            out.acks[node] += got.acks
+        out.replies += got.replies
         for observer in self.observers:
             observer.node_message(node, body)  # after the views hold what it says
-        if isinstance(body, Heartbeat):
-            return seen
-        if isinstance(body, Telemetry):
-            return seen + self._health(node, dict(body.metrics), at)
-        if isinstance(body, Birth):
-            running = tuple((r.run, r.step, r.attempt, r.fence) for r in body.running)
-            return [NodeBorn(at, node, header.boot, body.profile, dict(body.labels), tuple(body.caps), body.slots,
-                             dict(body.resources), running, body.hb, body.tel)]
-        if isinstance(body, Death):
-            return [NodeDied(at, node, header.boot, body.reason)]
-        if isinstance(body, StepEvent):
-            out.acks[node].append(body.eid)
-            if body.event == "progress":
-                return seen
-            return seen + [StepReported(at, node, body.attempt, body.fence, body.event, body.reason)]
-        if isinstance(body, StepResult):
-            out.acks[node].append(body.eid)
-            return seen + [ResultReported(at, node, body.attempt, body.fence, body.ok, dict(body.output), body.error)]
-        return seen
-
-    def _ask_rebirth(self, node: str, at: int, replies: list[tuple[str, Any]]) -> None:
-        """A node that is alive (it just sent a verified message) but that the hub does not hold online (declared
-        failed during a stall, offline, or never seen because its birth was lost) is asked for a birth. Recovery is
-        a protocol rule, not a reconnect: the birth lists its attempts and the hub cancels those it moved."""
-        known = self.core.nodes.get(node)
-        if known is not None and known.state in ("online", "suspected"):
-            return
-        if at - self._rebirth_asked.get(node, -REBIRTH_EVERY_MS) < REBIRTH_EVERY_MS:
-            return
-        self._rebirth_asked[node] = at  # bounded: only enrolled senders get past the signature check
-        log.info("node %s is alive but %s here: asking it for a birth", node,
-                 known.state if known is not None else "unknown")
-        replies.append((node, Config(rebirth=True)))
-
-    def _health(self, node_id: str, metrics: dict[str, float], at: int) -> list[Event]:
-        """Classify a telemetry sample; health changes and the actions they call for become journal events."""
-        node = self.core.nodes.get(node_id)
-        if node is None:
-            return []
-        if self.core.overloaded and node.health == "healthy":
-            return []  # shedding load: only nodes already in trouble are followed closely
-        thresholds = self.config.policy.thresholds_for(node.profile, self._thresholds_of(node.profile))
-        self.tracker.seed(node_id, node.health, node.throttled, list(thresholds))
-        changes, actions = self.tracker.observe(node_id, metrics, thresholds, at)
-        events: list[Event] = [HealthChanged(at, node_id, c.health, c.metric, c.value, c.threshold, c.duration,
-                                             c.reason) for c in changes]
-        events += [ActionTaken(at, node_id, a.action, a.reason) for a in actions]
-        for action in actions:
-            log.warning("node %s: %s (%s)", node_id, action.action, action.reason)
-        return events
+        return got.facts
 
     def _thresholds_of(self, profile: str) -> dict[str, dict[str, float]]:
         if profile not in self._profile_thresholds:
-            from agent.profiles import ProfileError, load_profile
+            from agent.runtime.profiles import ProfileError, load_profile
 
             try:
-                self._profile_thresholds[profile] = load_profile(profile).thresholds
+                # only complete pairs count (Policy.thresholds_for), whichever mapping type the profile reader uses
+                self._profile_thresholds[profile] = {metric: {"high": t["high"], "critical": t["critical"]}
+                                                     for metric, t in load_profile(profile).thresholds.items()
+                                                     if "high" in t and "critical" in t}
             except ProfileError:
                 self._profile_thresholds[profile] = {}  # unknown profile: the policy's defaults apply
         return self._profile_thresholds[profile]
@@ -510,46 +513,17 @@ class Hub:
             change = self.load.observe(lag_ms, self.journal.stats.last_seconds * 1000, process.cpu_percent(None))
             if change is not None:
                 log.warning("hub %s: %s", "overloaded" if change else "recovered", self.load.reason)
-                await self.request([HubLoadChanged(now_ms(), change, self.load.reason)])
+                await self.request([HubLoadChanged(self.clock(), change, self.load.reason)])
 
-    async def _send(self, commands: list[Command], acks: dict[str, list[int]], replies: list[tuple[str, Any]],
-                    now: int) -> None:
+    async def _publish(self, outgoing: list[Outgoing]) -> None:
         session = self.session
-        if session is None:
-            return  # nothing sent is lost: unanswered assignments time out and are placed again
-        outgoing = []
-        for command in commands:
-            if isinstance(command, SendAssign):
-                body: Any = Assign(command.run, command.step, command.attempt, command.fence, command.uses,
-                                   command.inputs, command.timeout)
-            elif isinstance(command, SendCancel):
-                body = Cancel(tuple(AttemptRef(*ref) for ref in command.refs), command.reason[:200])
-            elif isinstance(command, SendDrain):
-                body = Drain(command.on)
-            elif isinstance(command, SendConfig):
-                body = Config(None, command.tel)
-            else:
-                continue
-            outgoing.append((command.node, body))
-        outgoing += [(node, Ack(tuple(eids))) for node, eids in acks.items()]
-        outgoing += replies
-        sends = []
-        for node, body in outgoing:
-            try:
-                out = self.signer.seal(body, now, dst=node, ttl_ms=COMMAND_TTL_MS)
-            except ProtocolError as exc:  # a bug of ours must not stop the hub
-                log.error("not sending an invalid %s to %s: %s", type(body).__name__, node, exc)
-                continue
-            if len(out.payload) > DEFAULT_MAX_SIZE:  # the node would drop it unread; an assignment never gets here
-                log.error("not sending a %s of %d bytes to %s: over the %d-byte message limit", type(body).__name__,
-                          len(out.payload), node, DEFAULT_MAX_SIZE)
-                continue
-            sends.append(session.publish(out.topic, out.payload, qos=1))
-        if sends:
-            results = await asyncio.gather(*sends, return_exceptions=True)
-            failed = [r for r in results if isinstance(r, Exception)]
-            if failed:
-                log.warning("%d command(s) not sent: %s", len(failed), failed[0])
+        if session is None or not outgoing:
+            return
+        results = await asyncio.gather(*(session.publish(out.topic, out.payload, qos=1) for out in outgoing),
+                                       return_exceptions=True)
+        failed = [r for r in results if isinstance(r, Exception)]
+        if failed:
+            log.warning("%d command(s) not sent: %s", len(failed), failed[0])
 
     # -- operator requests (called from the API, in the same event loop) ----------------------------------------
 
@@ -566,23 +540,23 @@ class Hub:
         try:
             resolved = workflow.resolve_inputs(inputs)
         except WorkflowError as exc:
-            raise OperatorError(str(exc), 422) from None
+            raise Unprocessable(str(exc)) from None
         spec = workflow.model_dump(by_alias=True, mode="json")
         # A step whose assignment can never be sent is refused now rather than retried forever. The check encodes
         # what the core will send (the workflow as journaled), off the event loop: a large `with` takes a while.
         problems = await asyncio.to_thread(lambda: workflow_problems(compile_workflow(spec)))
         if problems:
-            raise OperatorError("; ".join(problems[:10]), 422)
+            raise Unprocessable("; ".join(problems[:10]))
         run_id = f"r-{uuid.uuid4().hex[:12]}"
-        at = now_ms()
+        at = self.clock()
         deadline = at + int(1000 * (workflow.timeout or DEFAULT_RUN_DEADLINE_S))
         await self.request([RunSubmitted(at, run_id, spec, resolved, key, deadline)])
         return (self.core.keys.get(key, run_id) if key else run_id), True
 
     async def cancel_run(self, run_id: str, reason: str, force_fail: bool) -> None:
         if run_id not in self.core.runs and run_id not in self.core.archived:
-            raise OperatorError(f"no run {run_id!r}", 404)
-        await self.request([RunCancelRequested(now_ms(), run_id, reason, force_fail)])
+            raise NotFound(f"no run {run_id!r}")
+        await self.request([RunCancelRequested(self.clock(), run_id, reason, force_fail)])
 
     async def node_action(self, node_id: str, action: str, on: bool = True, kid: str | None = None) -> dict[str, Any]:
         return await self.admin.action(node_id, action, on, kid)  # hub/node_admin.py
@@ -592,6 +566,4 @@ class Hub:
 
     async def _command(self, node: str, body: Any) -> None:
         if self.session is not None:
-            out = self.signer.seal(body, now_ms(), dst=node, ttl_ms=COMMAND_TTL_MS)
-            with contextlib.suppress(TransportError):
-                await self.session.publish(out.topic, out.payload, qos=1)
+            await self._publish(self.protocol.outgoing((), {}, [(node, body)], self.clock()))

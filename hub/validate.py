@@ -92,7 +92,7 @@ class Target:
 
 
 def profile_targets() -> list[Target]:
-    from agent.profiles import available, parse_profile
+    from agent.runtime.profiles import available, parse_profile
 
     out = []
     for name, path in sorted(available().items()):
@@ -122,7 +122,7 @@ class Inventory(RootModel[list[InventoryNode]]):
 
 def inventory_targets(path: Path, report: Report | None = None) -> list[Target]:
     """The nodes of an inventory file as targets (see the module's docstring for the format)."""
-    from agent.profiles import ProfileError, available, parse_profile
+    from agent.runtime.profiles import ProfileError, available, parse_profile
 
     source = str(path)
     data, tree = parse_yaml(read_bounded(path, INVENTORY_LIMITS), source, INVENTORY_LIMITS)
@@ -311,7 +311,7 @@ def validate(path: Path, inventory: Path | None = None) -> tuple[Workflow, Repor
 
 def validate_policy(path: Path) -> tuple[Policy, Report]:
     """A hub adaptation policy, read as `hub run --policy` reads it (`health.Policy`), with every problem at once."""
-    from agent.profiles import available
+    from agent.runtime.profiles import available
 
     from .health import Policy
 
@@ -348,7 +348,7 @@ def validate_command(workflow: Optional[Path] = typer.Argument(None, help="Workf
                      dot: bool = typer.Option(False, "--dot", help="Print the graph for Graphviz")) -> None:
     """Check a workflow (schema, references, cycles, deadlocks, placement, deadline), or a policy with --policy.
     Every problem is printed at once as FILE:LINE: message; exit 1 if any is an error."""
-    from .client import fail
+    from agent.runtime.console import fail
 
     if policy is not None and (workflow is not None or fleet is not None or dot):
         fail("--policy checks a policy file alone: give it without a workflow, --fleet or --dot", 2)

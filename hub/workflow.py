@@ -17,9 +17,9 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, ValidationError, field_validator,
                       model_validator)
 from pydantic_core import InitErrorDetails, PydanticCustomError
-from yaml.constructor import SafeConstructor
+from yaml.constructor import ConstructorError, SafeConstructor
 
-from protocols import is_valid_id
+from protocols import FleetflowError, is_valid_id
 
 from .conditions import Condition, ConditionError, parse_condition
 from .limits import (DEFAULT_LIMITS, Limits, Problem, data_problem, event_problem, over, text_problem, tree_problem,
@@ -30,7 +30,7 @@ _M = TypeVar("_M", bound=BaseModel)
 STEP_ID = r"^[A-Za-z0-9_-]{1,48}$"  # no dots: for_each instances are named <step>.<node>
 
 
-class WorkflowError(ValueError):
+class WorkflowError(FleetflowError, ValueError):
     """A workflow file that cannot be used; `problems` lists (location, message) pairs."""
 
     def __init__(self, problems: list[tuple[str, str]]) -> None:
@@ -337,6 +337,19 @@ def _refuse(problem: Problem | None) -> None:
         raise WorkflowError([problem])
 
 
+class _Constructor(SafeConstructor):
+    """PyYAML's safe constructor, with what some of its scalar constructors let out instead of a ConstructorError
+    (int() of 5000 digits, a `!!timestamp` that does not match) turned into one, with the node's line."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, TypeError, LookupError, AttributeError, OverflowError):  # LookupError: `!!bool maybe`
+            value = str(node.value)[:60] if isinstance(node, yaml.ScalarNode) else node.id
+            raise ConstructorError(None, None, f"{value!r} is not a valid {node.tag.rsplit(':', 1)[-1]}",
+                                   node.start_mark) from None
+
+
 def parse_yaml(text: str, source: str, limits: Limits = DEFAULT_LIMITS, workflow: bool = False
                ) -> tuple[Any, yaml.Node | None]:
     """The data of a YAML document and its composed tree (for lines), parsed within `limits` (see limits.py: each
@@ -346,11 +359,16 @@ def parse_yaml(text: str, source: str, limits: Limits = DEFAULT_LIMITS, workflow
     """
     _refuse(text_problem(text, source, limits))
     try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate (from a JSON string): libyaml cannot even be handed it
+        raise WorkflowError([(source, f"not valid YAML: a lone surrogate at character {exc.start} is not Unicode")]
+                            ) from None
+    try:
         _refuse(event_problem(text, source, limits, workflow))
         tree = yaml.compose(text, Loader=yaml_loader())
         _refuse(tree_problem(tree, source, limits, workflow))
         # Construct from the tree already composed and measured, rather than parse the text again.
-        data = SafeConstructor().construct_document(tree) if tree is not None else None
+        data = _Constructor().construct_document(tree) if tree is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source

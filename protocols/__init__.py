@@ -9,7 +9,7 @@ docs/protocol.md is the normative spec.
 """
 
 from .envelope import DEFAULT_MAX_SIZE, kid_for
-from .errors import (REASONS, BadSignature, Expired, LocalProtocolError, Malformed, ProtocolError,
+from .errors import (REASONS, BadSignature, Expired, FleetflowError, LocalProtocolError, Malformed, ProtocolError,
                      RemoteProtocolError, Replayed, TooLarge, UnknownKey, WrongSender, WrongTarget, WrongTopic)
 from .messages import (BODY_TYPES, ENROLL_VERDICTS, PROTOCOL_VERSION, STEP_EVENTS, Ack, Assign, AttemptRef, Birth,
                        Body, Cancel, Config, Death, Drain, Enroll, Header, Heartbeat, HubState, Message, StepEvent,
@@ -20,7 +20,8 @@ from .topics import Topic, TopicFilter, check_id, is_valid_id
 
 __all__ = [
     "DEFAULT_MAX_SIZE", "kid_for",
-    "REASONS", "BadSignature", "Expired", "LocalProtocolError", "Malformed", "ProtocolError", "RemoteProtocolError",
+    "REASONS", "BadSignature", "Expired", "FleetflowError", "LocalProtocolError", "Malformed", "ProtocolError",
+    "RemoteProtocolError",
     "Replayed", "TooLarge", "UnknownKey", "WrongSender", "WrongTarget", "WrongTopic",
     "BODY_TYPES", "ENROLL_VERDICTS", "PROTOCOL_VERSION", "STEP_EVENTS", "Ack", "Assign", "AttemptRef", "Birth", "Body",
     "Cancel", "Config", "Death", "Drain", "Enroll", "Header", "Heartbeat", "HubState", "Message", "StepEvent",

@@ -1,4 +1,5 @@
-"""One exception hierarchy for the wire protocol, split by who caused the problem (as h11 does).
+"""The root of every fleetflow error, and the wire protocol's hierarchy under it, split by who caused the problem
+(as h11 does). It lives here because protocols/ is the one package every other imports.
 
 `RemoteProtocolError` and its subclasses mean a peer (or an attacker) sent something we refuse; receivers catch
 `ProtocolError`, count it by `reason` and drop the message. `LocalProtocolError` means our own code tried to build
@@ -8,7 +9,13 @@ something invalid: a bug on our side, never caused by input from the network.
 from __future__ import annotations
 
 
-class ProtocolError(Exception):
+class FleetflowError(Exception):
+    """Root of every error fleetflow raises itself: refused input (the protocol's, an operator's, a setting's), a
+    start that cannot go on, and the few checks that name a bug of ours (`IllegalTransition`). Anything else that
+    escapes is a bug nobody checked for, and the process stops on it (crash-only)."""
+
+
+class ProtocolError(FleetflowError):
     """Base class of every protocol error. `reason` is a stable label, used for metrics and test vectors."""
 
     reason = "protocol-error"

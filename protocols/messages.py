@@ -9,229 +9,29 @@ error names the field path, e.g. `field 'running[0].attempt': expected an id`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, NamedTuple
 
+from .checks import (BOOL, BROKER_PASSWORD, COUNTS, DATA, ID, KEY32, KID8, LABELS, MAC32, MAX_BROKER_PASSWORD,
+                     MAX_CONTAINER, MAX_TEXT, METRICS, MIN_BROKER_PASSWORD, NUMBER, POSITIVE, TEXT, UINT, UINT_MAX,
+                     Check, Encode, Invalid, expected, list_of, map_of, one_of)
 from .errors import LocalProtocolError, Malformed
 from .topics import is_valid_id
 
+__all__ = [
+    # the field checks, held by protocols/checks.py, importable from here as before
+    "BOOL", "BROKER_PASSWORD", "COUNTS", "DATA", "ID", "KEY32", "KID8", "LABELS", "MAC32", "MAX_BROKER_PASSWORD",
+    "MAX_CONTAINER", "MAX_TEXT", "METRICS", "MIN_BROKER_PASSWORD", "NUMBER", "POSITIVE", "TEXT", "UINT", "UINT_MAX",
+    "Check", "Encode", "list_of", "map_of", "one_of",
+    # declared here
+    "ATTEMPT_REF", "BODY_TYPES", "ENROLL_VERDICTS", "PROTOCOL_VERSION", "STEP_EVENTS", "Ack", "Assign", "AttemptRef",
+    "Birth", "Body", "Cancel", "Config", "Death", "Drain", "Enroll", "Header", "Heartbeat", "HubState", "Message",
+    "StepEvent", "StepResult", "Telemetry", "body_from_map", "body_to_map", "decode_header", "decode_payload",
+    "describe_types", "encode_payload", "wire",
+]
+
 PROTOCOL_VERSION: Final = 1
-MAX_CONTAINER: Final = 4096
-MAX_TEXT: Final = 4096
-UINT_MAX: Final = 2**63 - 1
-
-Encode = Callable[[Any], Any]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checkers: (decode, encode) pairs. decode(value) returns the Python value or raises _Invalid. The field path is
-# added while the error unwinds, so the happy path never builds path strings.
-
-
-class _Invalid(Exception):
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.path: list[str] = []
-
-    def at(self, part: str) -> _Invalid:
-        self.path.append(part)
-        return self
-
-    def to_malformed(self) -> Malformed:
-        path = "".join(reversed(self.path)).lstrip(".")
-        return Malformed(f"field '{path}': {self.detail}" if path else self.detail)
-
-
-@dataclass(frozen=True, slots=True)
-class Check:
-    decode: Callable[[Any], Any]
-    encode: Encode = staticmethod(lambda value: value)  # type: ignore[assignment]
-    describe: str = ""
-
-
-def _bad(expected: str, value: Any) -> _Invalid:
-    return _Invalid(f"expected {expected}, got {type(value).__name__}")
-
-
-def _uint(value: Any) -> int:
-    if type(value) is not int:
-        raise _bad("an unsigned integer", value)
-    if not 0 <= value <= UINT_MAX:
-        raise _Invalid(f"{value} is out of range")
-    return value
-
-
-def _id(value: Any) -> str:
-    if not is_valid_id(value):
-        if isinstance(value, str):
-            raise _Invalid(f"{value[:80]!r} is not an id ([A-Za-z0-9_.-]{{1,64}})")
-        raise _bad("an id", value)
-    return value  # type: ignore[no-any-return]
-
-
-def _text(value: Any) -> str:
-    if type(value) is not str:
-        raise _bad("a text string", value)
-    if len(value) > MAX_TEXT:
-        raise _Invalid(f"text of {len(value)} characters is over {MAX_TEXT}")
-    return value
-
-
-def _bool(value: Any) -> bool:
-    if type(value) is not bool:
-        raise _bad("true or false", value)
-    return value
-
-
-def _number(value: Any) -> float:
-    if type(value) is float:
-        if not math.isfinite(value):
-            raise _Invalid(f"{value} is not a finite number")
-        return value
-    if type(value) is int:
-        return float(value)
-    raise _bad("a number", value)
-
-
-def _positive(value: Any) -> float:
-    number = _number(value)
-    if number <= 0:
-        raise _Invalid(f"must be greater than 0, got {number}")
-    return number
-
-
-def _key32(value: Any) -> bytes:
-    if type(value) is not bytes:
-        raise _bad("a 32-byte public key", value)
-    if len(value) != 32:
-        raise _Invalid(f"a public key has 32 bytes, got {len(value)}")
-    return value
-
-
-def _fixed_bytes(size: int, what: str) -> Callable[[Any], bytes]:
-    def decode(value: Any) -> bytes:
-        if type(value) is not bytes:
-            raise _bad(f"{what} ({size} bytes)", value)
-        if len(value) != size:
-            raise _Invalid(f"{what} has {size} bytes, got {len(value)}")
-        return value
-
-    return decode
-
-
-def _container_size(value: Any) -> None:
-    if len(value) > MAX_CONTAINER:
-        raise _Invalid(f"{len(value)} entries is over the limit of {MAX_CONTAINER}")
-
-
-def _data(value: Any) -> Any:
-    """Free-form step data: null, bool, int, float, text, bytes, arrays and maps with text keys."""
-    kind = type(value)
-    if value is None or kind in (bool, int, float, bytes, str):
-        return value
-    if kind is list:
-        _container_size(value)
-        for i, item in enumerate(value):
-            try:
-                _data(item)
-            except _Invalid as exc:
-                raise exc.at(f"[{i}]") from None
-        return value
-    if kind is dict:
-        _container_size(value)
-        for key, item in value.items():
-            if type(key) is not str:
-                raise _Invalid(f"map keys must be text, got {type(key).__name__}")
-            try:
-                _data(item)
-            except _Invalid as exc:
-                raise exc.at(f".{key}") from None
-        return value
-    raise _bad("plain data (null, bool, number, text, bytes, array, map)", value)
-
-
-def _data_map(value: Any) -> dict[str, Any]:
-    if type(value) is not dict:
-        raise _bad("a map", value)
-    return _data(value)  # type: ignore[no-any-return]
-
-
-def list_of(item: Check) -> Check:
-    decode_item = item.decode
-
-    def decode(value: Any) -> tuple[Any, ...]:
-        if type(value) is not list:
-            raise _bad("an array", value)
-        _container_size(value)
-        out = []
-        for i, entry in enumerate(value):
-            try:
-                out.append(decode_item(entry))
-            except _Invalid as exc:
-                raise exc.at(f"[{i}]") from None
-        return tuple(out)
-
-    return Check(decode, lambda value: [item.encode(entry) for entry in value], f"[{item.describe}]")
-
-
-def map_of(item: Check) -> Check:
-    """A map from ids to `item` values (labels, metrics, counters)."""
-    decode_item = item.decode
-    to_float = decode_item is _number  # the only item checker that converts (int -> float)
-
-    def decode(value: Any) -> dict[str, Any]:
-        if type(value) is not dict:
-            raise _bad("a map", value)
-        _container_size(value)
-        out = {}
-        for k, v in value.items():
-            if not is_valid_id(k):
-                try:
-                    _id(k)
-                except _Invalid as exc:
-                    raise exc.at(".<key>") from None
-            kind = type(v)
-            # Hot path for metric maps: a finite float or an int needs no call.
-            if to_float and (kind is int or (kind is float and v - v == 0.0)):
-                out[k] = float(v)
-                continue
-            try:
-                out[k] = decode_item(v)
-            except _Invalid as exc:
-                raise exc.at(f".{k}") from None
-        return out
-
-    return Check(decode, lambda value: {k: item.encode(v) for k, v in value.items()}, "{* id => " + item.describe + "}")
-
-
-def one_of(*choices: str) -> Check:
-    allowed = frozenset(choices)
-
-    def decode(value: Any) -> str:
-        if type(value) is not str or value not in allowed:
-            raise _Invalid(f"expected one of {', '.join(choices)}, got {str(value)[:40]!r}")
-        return value
-
-    return Check(decode, describe="|".join(choices))
-
-
-UINT: Final = Check(_uint, describe="uint")
-ID: Final = Check(_id, describe="id")
-TEXT: Final = Check(_text, describe="tstr")
-BOOL: Final = Check(_bool, describe="bool")
-NUMBER: Final = Check(_number, describe="number")
-POSITIVE: Final = Check(_positive, describe="number > 0")
-KEY32: Final = Check(_key32, describe="bstr .size 32")
-MAC32: Final = Check(_fixed_bytes(32, "an HMAC-SHA256 tag"), describe="bstr .size 32")
-KID8: Final = Check(_fixed_bytes(8, "a kid"), describe="bstr .size 8")
-DATA: Final = Check(_data_map, describe="{* tstr => any}")
-LABELS: Final = map_of(TEXT)
-METRICS: Final = map_of(NUMBER)
-COUNTS: Final = map_of(UINT)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Declaring fields and compiling a class into its codec table.
@@ -239,14 +39,15 @@ COUNTS: Final = map_of(UINT)
 _REQUIRED: Final = object()
 
 
-def wire(check: Check, *, key: str | None = None, default: Any = _REQUIRED) -> Any:
-    """Declare a message field: its checker, its wire key (default: the attribute name), and its default."""
+def wire(check: Check, *, key: str | None = None, default: Any = _REQUIRED, secret: bool = False) -> Any:
+    """Declare a message field: its checker, its wire key (default: the attribute name), and its default. A `secret`
+    field is left out of the body's repr, so no log line or assertion message prints it."""
     meta = {"check": check, "key": key}
     if default is _REQUIRED:
-        return field(metadata=meta)
+        return field(metadata=meta, repr=not secret)
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+        return field(default_factory=lambda: type(default)(default), metadata=meta, repr=not secret)
+    return field(default=default, metadata=meta, repr=not secret)
 
 
 class _Field(NamedTuple):
@@ -274,7 +75,7 @@ def _struct(cls: type) -> Check:
 
     def decode(value: Any) -> Any:
         if type(value) is not dict:
-            raise _bad("a map", value)
+            raise expected("a map", value)
         return cls(**_decode_fields(table, value))
 
     return Check(decode, lambda value: _encode_fields(table, value), cls.__name__)
@@ -287,11 +88,11 @@ def _decode_fields(table: tuple[_Field, ...], raw: Mapping[str, Any]) -> dict[st
         value = get(key)
         if value is None:  # absent and null mean the same: the default
             if required:
-                raise _Invalid("is missing").at("." + key)
+                raise Invalid("is missing").at("." + key)
             continue
         try:
             out[attr] = decode(value)
-        except _Invalid as exc:
+        except Invalid as exc:
             raise exc.at("." + key) from None
     return out
 
@@ -342,6 +143,9 @@ class Enroll(Body):
     labels: dict[str, str] = wire(LABELS, default={})
     # Proof of the enroll token (never the token itself: a clear token could be sniffed and reused).
     proof: bytes | None = wire(MAC32, default=None)
+    # The password the node will log in to the broker with, as its node id, once accepted (section 7.1): only where
+    # broker ACLs let nobody but the hub read enroll topics.
+    broker_password: str | None = wire(BROKER_PASSWORD, default=None, secret=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -549,48 +353,49 @@ def decode_header(raw: Any) -> Header:
     """Check the header fields of a decoded payload map."""
     try:
         return _decode_header(raw)
-    except _Invalid as exc:
+    except Invalid as exc:
         raise exc.to_malformed() from None
 
 
 def _decode_header(raw: Any) -> Header:
     if type(raw) is not dict:
-        raise _Invalid(f"payload must be a map, got {type(raw).__name__}")
+        raise Invalid(f"payload must be a map, got {type(raw).__name__}")
     get = raw.get
     version = get("v")
     if version != PROTOCOL_VERSION or type(version) is not int:
-        raise _Invalid(f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})").at("v")
+        raise Invalid(f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})").at("v")
     kind = get("type")
     if type(kind) is not str or kind not in BODY_TYPES:
-        raise _Invalid(f"unknown message type {str(kind)[:40]!r}").at("type")
+        raise Invalid(f"unknown message type {str(kind)[:40]!r}").at("type")
     fleet, src, boot, seq, ts = get("fleet"), get("src"), get("boot"), get("seq"), get("ts")
     if (not BODY_TYPES[kind].COMMAND and type(boot) is int and type(seq) is int and type(ts) is int
             and 0 <= boot <= UINT_MAX and 0 <= seq <= UINT_MAX and 0 <= ts <= UINT_MAX
             and is_valid_id(fleet) and is_valid_id(src)):
         return Header(kind, fleet, src, boot, seq, ts)  # the common case, checked in one expression
-    values = []
+    values: list[Any] = []
     for key, check in _HEADER_FIELDS:
         value = get(key)
         if value is None:
-            raise _Invalid("is missing").at(key)
+            raise Invalid("is missing").at(key)
         try:
             values.append(check(value))
-        except _Invalid as exc:
+        except Invalid as exc:
             raise exc.at(key) from None
     if BODY_TYPES[kind].COMMAND:
         for key, check in _COMMAND_FIELDS:
             value = get(key)
             if value is None:
-                raise _Invalid("is missing (required on commands)").at(key)
+                raise Invalid("is missing (required on commands)").at(key)
             try:
                 values.append(check(value))
-            except _Invalid as exc:
+            except Invalid as exc:
                 raise exc.at(key) from None
     return Header(kind, *values)
 
 
-_HEADER_FIELDS: Final = (("fleet", _id), ("src", _id), ("boot", _uint), ("seq", _uint), ("ts", _uint))
-_COMMAND_FIELDS: Final = (("dst", _id), ("exp", _uint))
+_HEADER_FIELDS: Final = (("fleet", ID.decode), ("src", ID.decode), ("boot", UINT.decode), ("seq", UINT.decode),
+                          ("ts", UINT.decode))
+_COMMAND_FIELDS: Final = (("dst", ID.decode), ("exp", UINT.decode))
 
 
 def decode_payload(raw: Any) -> Message:
@@ -599,7 +404,7 @@ def decode_payload(raw: Any) -> Message:
         header = _decode_header(raw)
         cls = BODY_TYPES[header.type]
         return Message(header, cls(**_decode_fields(_TABLES[cls], raw)))
-    except _Invalid as exc:
+    except Invalid as exc:
         raise exc.to_malformed() from None
 
 
@@ -615,10 +420,12 @@ def body_to_map(body: Body) -> dict[str, Any]:
 
 def body_from_map(type_name: str, raw: Mapping[str, Any]) -> Body:
     """The inverse of `body_to_map`, with the same checks as on receive."""
-    cls = BODY_TYPES.get(type_name)
+    cls = BODY_TYPES.get(type_name) if type(type_name) is str else None
     if cls is None:
-        raise Malformed(f"unknown message type {type_name!r}")
+        raise Malformed(f"unknown message type {str(type_name)[:40]!r}")
+    if not isinstance(raw, Mapping):  # an outbox entry read back from disk is not trusted to be one
+        raise Malformed(f"a {type_name} body must be a map, got {type(raw).__name__}")
     try:
         return cls(**_decode_fields(_TABLES[cls], raw))
-    except _Invalid as exc:
+    except Invalid as exc:
         raise exc.to_malformed() from None

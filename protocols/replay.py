@@ -48,7 +48,8 @@ class ReplayWindow:
             self.boot, self.top, self.bitmap, self.death_seen = boot, seq, 1, False
         elif seq > self.top:
             shift = seq - self.top
-            self.bitmap = ((self.bitmap << shift) | 1) & ((1 << self.size) - 1)
+            # A jump past the whole window leaves only the new seq: shifting by it could ask for 2**62 bits.
+            self.bitmap = ((self.bitmap << shift) | 1) & ((1 << self.size) - 1) if shift < self.size else 1
             self.top = seq
         else:
             self.bitmap |= 1 << (self.top - seq)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeGuard
 
 from .errors import LocalProtocolError, WrongTopic
 
@@ -23,7 +23,7 @@ _ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _seen_ids: dict[str, bool] = {}  # ids repeat in every message; a bounded cache saves the regex on the hot path
 
 
-def is_valid_id(value: object) -> bool:
+def is_valid_id(value: object) -> TypeGuard[str]:
     """True when `value` is a fleet, node or run id: `[A-Za-z0-9_.-]{1,64}`."""
     if type(value) is not str:
         return False
@@ -41,7 +41,7 @@ def check_id(value: object, what: str = "id") -> str:
     """Return `value` if it is a valid id, else raise `LocalProtocolError` naming it."""
     if not is_valid_id(value):
         raise LocalProtocolError(f"{what} {value!r} is not a valid id: it must match [A-Za-z0-9_.-]{{1,64}}")
-    return value  # type: ignore[return-value]
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +93,19 @@ class Topic:
         raise WrongTopic(f"topic {value[:200]!r} is not in the fleetflow/v1 tree")
 
 
+def filter_matches(topic_filter: str, topic: str) -> bool:
+    """Whether an MQTT topic filter takes a topic name: `+` is one level, `#` the rest (`a/#` also takes `a`). A
+    broker adds that a wildcard first level never takes a `$` topic (agent/runtime/memory.py `topic_matches`)."""
+    levels = topic.split("/")
+    pattern = topic_filter.split("/")
+    for i, want in enumerate(pattern):
+        if want == "#":
+            return True
+        if i >= len(levels) or (want != "+" and want != levels[i]):
+            return False
+    return len(levels) == len(pattern)
+
+
 @dataclass(frozen=True, slots=True)
 class TopicFilter:
     """A subscription filter with MQTT wildcards (`+` one level, `#` the rest), with `matches()` like aiomqtt's."""
@@ -116,14 +129,7 @@ class TopicFilter:
         return cls(f"{PREFIX}/{VERSION}/{fleet}/node/+/{kind}")
 
     def matches(self, topic: str | Topic) -> bool:
-        levels = str(topic).split("/")
-        pattern = self.value.split("/")
-        for i, want in enumerate(pattern):
-            if want == "#":
-                return True
-            if i >= len(levels) or (want != "+" and want != levels[i]):
-                return False
-        return len(levels) == len(pattern)
+        return filter_matches(self.value, str(topic))
 
     def __str__(self) -> str:
         return self.value

@@ -1,1 +1,2 @@
-"""The fleetflow simulator (issue 7): virtual devices running the real agent code. Not built yet."""
+"""The fleetflow simulator: virtual devices running the real agent code, fault injection, the checkers, the demo, and
+deterministic simulation of the whole fleet (see README.md)."""

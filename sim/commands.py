@@ -1,4 +1,4 @@
-"""`fleetflow demo` and `fleetflow profiles list|show|validate`."""
+"""`fleetflow demo`, `fleetflow sim` and `fleetflow profiles list|show|validate`."""
 
 from __future__ import annotations
 
@@ -17,17 +17,17 @@ def demo(devices: int = typer.Option(100, "--devices", min=1, max=2000, help="Si
          broker: Optional[str] = typer.Option(None, "--broker", help="Use this broker instead of an embedded amqtt"),
          keep_running: bool = typer.Option(False, "--keep-running", help="Leave the hub up for the CLI afterwards"),
          seed: int = typer.Option(7, "--seed", help="Seed for the simulated fleet and its faults"),
-         restart_broker: bool = typer.Option(False, "--restart-broker",
-                                             help="Also restart the embedded broker mid-run (amqtt 0.12 can stall)")
+         restart_broker: bool = typer.Option(True, "--restart-broker/--no-broker-restart",
+                                             help="Restart the embedded broker mid-run, while devices run steps")
          ) -> None:
     """Embedded broker, a hub, simulated devices, sample workflows and faults; prints the checker's verdict."""
     from .demo import run_demo
 
     if broker is not None:
-        from agent.config import ConfigError, _broker
+        from agent.runtime.settings import ConfigError, as_broker_url
 
         try:
-            _broker(broker, "--broker")
+            as_broker_url(broker, "--broker")
         except ConfigError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2)
@@ -44,27 +44,34 @@ def sim(broker: str = typer.Option(..., help="mqtt://HOST:PORT of the fleet's br
         report: Optional[Path] = typer.Option(None, "--report", help="Write a JSON report here"),
         keepalive: int = typer.Option(10, "--keepalive", min=1, help="MQTT keepalive of each device, s"),
         seed: int = typer.Option(7, "--seed"),
+        rate: float = typer.Option(1.0, "--rate", min=0, help="Workload: runs submitted per device per minute "
+                                                              "while --duration lasts"),
         hub: Optional[str] = typer.Option(None, "--hub", help="Hub API URL [FLEETFLOW_HUB]"),
         token: Optional[str] = TokenOpt,
         token_file: Optional[Path] = TokenFileOpt,
-        data: Optional[Path] = typer.Option(None, "--data", help="Data directory of a local hub")) -> None:
-    """Simulated devices running the real agent against a hub, with faults; ends with the checker (exit 1 on FAIL)."""
+        data: Optional[Path] = typer.Option(None, "--data", help="Data directory of a local hub"),
+        journal: Optional[Path] = typer.Option(None, "--journal", help="The hub's journal file (journal.sqlite), "
+                                                                       "when its data directory is not --data")
+        ) -> None:
+    """Simulated devices running the real agent against a hub, with faults and a workload proportional to the fleet;
+    ends with the history checker, which reads the wire, the hub's journal file and the devices' outboxes (exit 1 on
+    FAIL)."""
     import asyncio
 
     from rich.console import Console
 
-    from agent.config import ConfigError, _broker, _id
+    from agent.runtime.settings import ConfigError, as_broker_url, as_id
     from hub.client import Client
     from hub.workflow import WorkflowError
 
-    from .faults import load_faults
+    from .fault_file import load_faults
     from .orchestra import parse_mix
     from .profiles import load_all
-    from .run import Simulation
+    from .run import SimOptions, simulate
 
     try:
-        _broker(broker, "--broker")
-        _id(fleet, "--fleet")
+        as_broker_url(broker, "--broker")
+        as_id(fleet, "--fleet")
         weights = parse_mix(mix)
     except (ConfigError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -74,18 +81,24 @@ def sim(broker: str = typer.Option(..., help="mqtt://HOST:PORT of the fleet's br
         typer.echo(f"error: --mix names unknown profile(s) {', '.join(sorted(unknown))}", err=True)
         raise typer.Exit(2)
     try:
-        plan = load_faults(faults) if faults else None
+        timeline = load_faults(faults) if faults else ()
     except (WorkflowError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
-    api = Client(hub, token_file, data)
-    simulation = Simulation(api, broker, fleet, devices, weights, procs, duration, plan, keepalive, seed, Console())
-    raise typer.Exit(asyncio.run(simulation.run(report)))
+    from hub.journal_commands import JOURNAL_FILE
+
+    journal = journal or (data / JOURNAL_FILE if data is not None else None)
+    if journal is None:
+        typer.echo("error: the checker reads the hub's journal file: give the hub's data directory with --data, or "
+                   "--journal FILE", err=True)
+        raise typer.Exit(2)
+    options = SimOptions(broker, fleet, devices, weights, procs, duration, keepalive, seed, timeline, rate, journal)
+    raise typer.Exit(asyncio.run(simulate(Client(hub, token_file, data), options, report, Console())))
 
 
 def _schema() -> Any:
     """sim/profiles.py, the full schema (pydantic), comes with the hub extra. Without it, as on a device, the profile
-    commands read the files as the agent does (agent/profiles.py): the same files, fewer checks."""
+    commands read the files as the agent does (agent/runtime/profiles.py): the same files, fewer checks."""
     try:
         from . import profiles
     except ModuleNotFoundError as exc:
@@ -97,23 +110,13 @@ def _schema() -> Any:
     return profiles
 
 
-def _as_agent_reads(path: Path) -> dict[str, Any]:
-    from agent.profiles import parse_profile
-
-    p = parse_profile(path)
-    return {"name": p.name, "description": p.description, "capabilities": list(p.capabilities),
-            "max_concurrent": p.max_concurrent, "labels": p.labels, "resources": p.resources(),
-            "intervals": {"heartbeat_s": p.heartbeat_s, "telemetry_s": p.telemetry_s}, "thresholds": p.thresholds,
-            "sim": p.sim}
-
-
 def _all_profiles() -> dict[str, dict[str, Any]]:
+    from agent.runtime.profiles import as_document, available, parse_profile
+
     schema = _schema()
     if schema is not None:
-        return {name: p.model_dump() for name, p in schema.load_all().items()}
-    from agent.profiles import available
-
-    return {name: _as_agent_reads(path) for name, path in sorted(available().items())}
+        return {name: as_document(p) for name, p in schema.load_all().items()}
+    return {name: as_document(parse_profile(path)) for name, path in sorted(available().items())}
 
 
 @profiles_app.command("list")
@@ -142,7 +145,7 @@ def profiles_show(name: str) -> None:
 def profiles_validate(files: list[Path] = typer.Argument(None, help="Profile files (default: every known one)")
                       ) -> None:
     """Check profile files against the schema."""
-    from agent.profiles import ProfileError, available
+    from agent.runtime.profiles import ProfileError, available, parse_profile
 
     schema = _schema()
     if schema is None:
@@ -152,7 +155,7 @@ def profiles_validate(files: list[Path] = typer.Argument(None, help="Profile fil
     failed = False
     for path in paths:
         try:
-            name = schema.parse(path).name if schema is not None else _as_agent_reads(path)["name"]
+            name = (schema.parse if schema is not None else parse_profile)(path).name
             typer.echo(f"{path}: ok ({name})")
         except (ValueError, ProfileError) as exc:  # the schema's ProfileFileError is a ValueError
             typer.echo(f"error: {exc}", err=True)

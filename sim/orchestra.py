@@ -1,15 +1,21 @@
-"""Runs simulator worker processes and talks to them (spawn, stats, faults, stop)."""
+"""Runs simulator worker processes and talks to them (spawn, stats, faults, stop). Every wait on a worker is
+bounded; a worker that does not stop in time is killed, and the log says which and why."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import logging
 import random
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("fleetflow.sim")
+STOP_S = 15.0  # a worker's devices stop within its own bound (sim/worker.py STOP_S); then it is killed
 
 
 def plan(devices: int, mix: dict[str, int]) -> list[dict[str, str]]:
@@ -41,7 +47,10 @@ class Worker:
     nodes: list[str]
     stats: dict[str, Any] = field(default_factory=dict)
     killed: dict[str, int] = field(default_factory=dict)
+    killed_running: dict[str, list[str]] = field(default_factory=dict)  # node -> attempts it ran when cut
     partitioned: dict[str, int] = field(default_factory=dict)
+    late: list[str] = field(default_factory=list)  # devices that did not stop within the worker's bound
+    hits: list[tuple[str, str, list[str]]] = field(default_factory=list)  # (fault, node, attempts it was running)
     reader: asyncio.Task[None] | None = None
 
     async def send(self, command: dict[str, Any]) -> None:
@@ -89,6 +98,11 @@ class Orchestra:
                 worker.stats = event
             elif event.get("event") == "killed":
                 worker.killed[event["node"]] = event["at"]
+                worker.killed_running[event["node"]] = list(event.get("running", []))
+            elif event.get("event") == "hit":
+                worker.hits.append((event["fault"], event["node"], list(event.get("running", []))))
+            elif event.get("event") == "stopped":
+                worker.late = list(event.get("late", []))
             elif event.get("event") == "partitioned":
                 worker.partitioned[event["node"]] = event["at"]
 
@@ -121,15 +135,44 @@ class Orchestra:
     def killed(self) -> dict[str, int]:
         return {node: at for w in self.workers for node, at in w.killed.items()}
 
-    async def stop(self) -> None:
+    @property
+    def killed_running(self) -> dict[str, list[str]]:
+        """Node -> the attempts it was running when its power was cut."""
+        return {node: running for w in self.workers for node, running in w.killed_running.items()}
+
+    @property
+    def on_running_work(self) -> list[str]:
+        """The faults that landed on a device while it was running steps, as the devices saw it."""
+        return [f"{fault} {node} while it ran {', '.join(running)}" for w in self.workers
+                for fault, node, running in w.hits if running]
+
+    @property
+    def busy(self) -> set[str]:
+        """Devices running steps at the last stats line (once a second), as the devices see it."""
+        return {node for w in self.workers for node in w.stats.get("busy", [])}
+
+    async def stop(self) -> float:
+        """Stops every worker at once, within STOP_S; returns how long it took."""
+        started = time.monotonic()
         for worker in self.workers:
             with contextlib.suppress(ConnectionError, ProcessLookupError):
                 await worker.send({"cmd": "stop"})
-        for worker in self.workers:
+
+        async def reap(index: int, worker: Worker) -> None:
             try:
-                await asyncio.wait_for(worker.proc.wait(), 15)
+                await asyncio.wait_for(worker.proc.wait(), STOP_S)
             except asyncio.TimeoutError:
+                log.warning("simulator worker %d did not stop within %g s: killed", index, STOP_S)
                 worker.proc.kill()
                 await worker.proc.wait()
             if worker.reader is not None:
-                worker.reader.cancel()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(worker.reader, 1.0)  # its last lines (`stopped`) are read
+            if worker.late:
+                log.warning("simulator worker %d: devices %s did not stop within its bound", index,
+                            ", ".join(worker.late))
+
+        await asyncio.gather(*(reap(i, w) for i, w in enumerate(self.workers)))
+        took = time.monotonic() - started
+        log.info("simulated devices stopped in %.1f s", took)
+        return took

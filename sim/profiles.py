@@ -1,88 +1,111 @@
-"""Firmware profiles validated in full (the agent reads the same TOML files with the standard library only).
+"""Firmware profiles checked in full, for `fleetflow profiles list|show|validate` and the simulator (which takes its
+device behaviour from `[sim]`).
 
-`fleetflow profiles list|show|validate` use this schema; the simulator takes its device behaviour from `[sim]`.
+The schema itself is declared once, in agent/runtime/profiles.py, with the standard library; the pydantic models
+here are built from that declaration, adding what the agent does not check: bounds, unknown keys, threshold order
+and the name matching the file. A profile that passes is then read exactly as the agent reads it.
 """
 
 from __future__ import annotations
 
-import tomllib
+import dataclasses
 from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from agent.profiles import available
-from hub.health import Threshold
+from agent.runtime.profiles import Profile, ProfileError, Threshold, available, profile_from_document, read_document
+from hub.health import Threshold as CheckedThreshold
+from protocols import FleetflowError
 
+DeviceProfile = Profile  # what the simulator calls a profile that passed the full check
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Resources(_Model):
-    cores: float = Field(gt=0)
-    memory_mb: float = Field(gt=0)
-    disk_gb: float = Field(gt=0)
+_CONFIG = ConfigDict(extra="forbid", frozen=True)
 
 
-class Intervals(_Model):
-    heartbeat_s: float = Field(gt=0)
-    telemetry_s: float = Field(gt=0)
+def _annotation(kind: Any) -> Any:
+    """The pydantic type that checks a declared type: lists as TOML has them, nested tables as models, and
+    thresholds as the hub's policy checks them (critical not below high)."""
+    origin, args = get_origin(kind), get_args(kind)
+    if dataclasses.is_dataclass(kind):
+        return model_of(kind)  # type: ignore[arg-type]
+    if kind is Threshold:
+        return CheckedThreshold
+    if origin is tuple:
+        return list[_annotation(args[0])]  # type: ignore[misc]
+    if origin is dict:
+        return dict[args[0], _annotation(args[1])]  # type: ignore[misc, valid-type]
+    return kind
 
 
-class SimBehaviour(_Model):
-    baseline_cpu: float = Field(20.0, ge=0, le=100, description="idle CPU %")
-    noise: float = Field(5.0, ge=0, description="CPU noise amplitude, %")
-    step_speed: float = Field(1.0, gt=0, description="multiplier on simulated step durations (slower > 1)")
-    failure_rate: float = Field(0.0, ge=0, le=1, description="chance a simulated step fails")
-    boot_time_s: float = Field(1.0, ge=0, description="seconds from power-on to connecting")
-    ambient_c: float = Field(30.0, description="temperature with no load")
-    heat_per_cpu: float = Field(0.4, ge=0, description="degrees C above ambient per CPU %")
-    cooling: float = Field(0.1, gt=0, le=1, description="fraction of the gap to equilibrium closed per sample")
+def _field(declared: dataclasses.Field[Any]) -> Any:
+    meta = declared.metadata
+    if declared.default_factory is not dataclasses.MISSING:
+        return Field(default_factory=declared.default_factory, description=meta["doc"], **meta["bounds"])
+    if declared.default is not dataclasses.MISSING:
+        # validated: a declared tuple default becomes the list the file would give, and must be within bounds
+        return Field(declared.default, description=meta["doc"], validate_default=True, **meta["bounds"])
+    return Field(description=meta["doc"], **meta["bounds"])
 
 
-class DeviceProfile(_Model):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    description: str = ""
-    capabilities: list[str] = Field(default_factory=list)
-    max_concurrent: int = Field(1, ge=1, le=1024)
-    labels: dict[str, str] = Field(default_factory=dict)
-    resources: Resources
-    intervals: Intervals
-    thresholds: dict[str, Threshold] = Field(default_factory=dict)
-    sim: SimBehaviour = Field(default_factory=SimBehaviour)
+def model_of(cls: type[Any]) -> type[BaseModel]:
+    """A pydantic model of a declared dataclass, its `section` fields grouped into nested tables as in the file."""
+    hints = get_type_hints(cls)
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {}
+    for declared in dataclasses.fields(cls):
+        definition = (_annotation(hints[declared.name]), _field(declared))
+        section = declared.metadata["section"]
+        if section is None:
+            top[declared.name] = definition
+            continue
+        if section not in sections:
+            sections[section] = {}
+            top[section] = None  # keeps the file's order; filled in below
+        sections[section][declared.name] = definition
+    for section, members in sections.items():
+        table = create_model(section.capitalize(), __config__=_CONFIG, **members)
+        required = any(d[1].is_required() for d in members.values())
+        top[section] = (table, Field() if required else Field(default_factory=table))
+    return create_model(cls.__name__, __config__=_CONFIG, **top)
 
 
-class ProfileFileError(ValueError):
-    pass
+PROFILE_MODEL = model_of(Profile)
 
 
-def parse(path: Path) -> DeviceProfile:
+class ProfileFileError(FleetflowError, ValueError):
+    """A profile file that does not pass the full check; a ValueError too, as callers catch it."""
+
+
+def parse(path: Path) -> Profile:
     try:
-        raw = tomllib.loads(Path(path).read_text())
-    except OSError as exc:
-        raise ProfileFileError(f"{path}: cannot read: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ProfileFileError(f"{path}: not valid TOML: {exc}") from None
+        raw = read_document(path)
+    except ProfileError as exc:
+        raise ProfileFileError(str(exc)) from None
     try:
-        profile = DeviceProfile.model_validate(raw)
+        PROFILE_MODEL.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'profile'}: {e['msg']}" for e in exc.errors())
         raise ProfileFileError(f"{path}: {problems}") from None
-    if profile.name != Path(path).stem:
-        raise ProfileFileError(f"{path}: name {profile.name!r} must match the file name {Path(path).stem!r}")
-    return profile
+    name = raw["name"]  # a valid id now
+    if name != Path(path).stem:
+        raise ProfileFileError(f"{path}: name {name!r} must match the file name {Path(path).stem!r}")
+    try:
+        return profile_from_document(raw, path)
+    except ProfileError as exc:  # cannot happen for a document that passed the check above, but say so if it does
+        raise ProfileFileError(str(exc)) from None
 
 
-def load_all(extra: Path | None = None) -> dict[str, DeviceProfile]:
+def load_all(extra: Path | None = None) -> dict[str, Profile]:
     return {name: parse(path) for name, path in sorted(available(extra).items())}
 
 
 SIM_EXECUTORS = ("sensor", "update")  # hardware steps the simulator provides (sim/worker.py)
 
 
-def inventory(profiles: dict[str, DeviceProfile]) -> list[dict[str, object]]:
+def inventory(profiles: dict[str, Profile]) -> list[dict[str, object]]:
     """One simulated device per profile, in `fleetflow validate --fleet` inventory form."""
     builtins = ["noop", "sleep", "echo", "fail"]
     return [{"id": f"sim-{p.name}", "profile": p.name, "labels": dict(p.labels),
-             "caps": sorted({*p.capabilities, *builtins, *SIM_EXECUTORS}), "resources": p.resources.model_dump()}
+             "caps": sorted({*p.capabilities, *builtins, *SIM_EXECUTORS}), "resources": p.resources()}
             for p in profiles.values()]

@@ -1,9 +1,11 @@
-"""One simulator process: many virtual devices, each the real `agent.node.Agent` with its own MQTT connection,
+"""One simulator process: many virtual devices, each the real `agent.Agent` with its own MQTT connection,
 identity, Last Will, outbox and boot counter; telemetry and hardware steps are simulated.
 
 Started by `fleetflow sim` and `fleetflow demo` as `python -m sim.worker`. The first stdin line is the JSON config;
 later lines are commands (`{"cmd": "kill", "nodes": [...]}`, `{"cmd": "heat", "node": ..., "temp": 95}`,
-`{"cmd": "stop"}`). It writes JSON lines to stdout: `ready`, `stats` every second, `killed` with the time.
+`{"cmd": "stop"}`). It writes JSON lines to stdout: `ready`, `stats` every second (with the devices running steps),
+`killed` with the time and the attempts the device was running, `stopped` with the devices that did not stop within
+STOP_S (they are cancelled: the worker never outlives its bound).
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.config import AgentConfig
-from agent.executors import StepContext, StepFailed
-from agent.node import Agent
-from agent.telemetry import now_ms
-from agent.transport import BrokerSettings, MqttTransport
+from agent import Agent, AgentConfig, StepContext, StepFailed
+from agent.runtime.clock import now_ms
+from agent.runtime.transport import BrokerSettings, MqttTransport
 
 from .profiles import DeviceProfile, load_all
 from .relay import Relay
 from .telemetry import SimTelemetry
+
+# A device stops within its grace period (2 s), its wait for the last acks (agent/node.py ACK_WAIT_ON_STOP, 5 s) and
+# its death certificate's publish (the transport's operation timeout): past this, it is cancelled and named.
+STOP_S = 12.0
 
 
 @dataclass
@@ -135,10 +139,13 @@ async def run(config: dict[str, Any]) -> None:
         kind = cmd["cmd"]
         for node in cmd.get("nodes", [cmd.get("node")]):
             device = devices[node]
+            # Whether the fault found the device at work, from the device itself (the hub may not know yet).
+            emit("hit", node=node, fault=kind, running=sorted(device.agent.runner.running))
             if kind == "kill":
                 device.killed_at = time.time()  # before the cut: detection is measured from this moment
+                running = sorted(device.agent.runner.running)
                 await power_cut(device)
-                emit("killed", node=node, at=int(device.killed_at * 1000))
+                emit("killed", node=node, at=int(device.killed_at * 1000), running=running)
             elif kind == "heat":
                 device.telemetry.overrides["temp"] = float(cmd["temp"])
                 emit("heated", node=node, temp=float(cmd["temp"]))
@@ -172,16 +179,23 @@ async def run(config: dict[str, Any]) -> None:
         connected = sum(1 for d in devices.values() if d.agent.session is not None)
         outbox = sum(d.agent.outbox.unacknowledged() for d in devices.values() if d.killed_at is None
                      and d.task is not None and not d.task.done())
+        busy = sorted(node for node, d in devices.items() if d.killed_at is None and d.agent.runner.running)
         emit("stats", connected=connected, devices=len(devices), outbox=outbox,
-             killed=sum(1 for d in devices.values() if d.killed_at is not None))
+             killed=sum(1 for d in devices.values() if d.killed_at is not None), busy=busy)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), 1.0)
     for device in devices.values():
         if device.killed_at is None:
             device.agent.stop()
-    await asyncio.gather(*(d.task for d in devices.values() if d.task is not None), return_exceptions=True)
+    tasks = {node: d.task for node, d in devices.items() if d.task is not None and not d.task.done()}
+    if tasks:
+        await asyncio.wait(tasks.values(), timeout=STOP_S)
+    late = sorted(node for node, task in tasks.items() if not task.done())
+    for node in late:
+        tasks[node].cancel()
+    await asyncio.gather(*tasks.values(), return_exceptions=True)
     command_task.cancel()
-    emit("stopped")
+    emit("stopped", late=late)
 
 
 def main() -> None:

@@ -74,6 +74,9 @@ class Broker:
     password: str | None = None
     extra: tuple[str, ...] = ()  # more mosquitto.conf lines
     proc: subprocess.Popen | None = None
+    # Mosquitto only: run this mosquitto.conf (e.g. one `fleetflow broker config` wrote, listening on `port`) plus
+    # `extra`, instead of a generated one; `tls` then only makes the URL mqtts://, and `username` is unused.
+    config: Path | None = None
 
     @property
     def url(self) -> str:
@@ -81,6 +84,11 @@ class Broker:
 
     def _command(self) -> list[str]:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.kind == "mosquitto" and self.config is not None:
+            conf = self.workdir / "mosquitto.conf"
+            conf.write_text("\n".join([*self.config.read_text().splitlines(), f"user {getpass.getuser()}",
+                                       *self.extra]) + "\n")
+            return [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)]
         if self.kind == "mosquitto":
             conf = self.workdir / "mosquitto.conf"
             # Started as root, Mosquitto drops to its own user and could not read our 0600 files.

@@ -13,8 +13,9 @@ from typing import Any
 
 import httpx
 
+from hub.transitions import RUN_TERMINAL
+from tests.agentprocess import AgentProcess
 from tests.brokers import Broker
-from tests.hubdouble import AgentProcess
 
 
 @dataclass
@@ -25,12 +26,13 @@ class HubProcess:
     args: tuple[str, ...] = ("--auto-accept",)
     proc: subprocess.Popen[bytes] | None = None
     agents: list[AgentProcess] = field(default_factory=list)
+    # The command that runs `fleetflow`; a test may run it through a launcher that injects a fault first.
+    command: tuple[str, ...] = (str(Path(sys.executable).parent / "fleetflow"),)
 
     def start(self) -> HubProcess:
         self.data.mkdir(parents=True, exist_ok=True)
-        exe = Path(sys.executable).parent / "fleetflow"
         with open(self.data.parent / "hub.log", "ab") as log:
-            self.proc = subprocess.Popen([str(exe), "hub", "run", "--broker", self.broker.url, "--fleet", self.fleet,
+            self.proc = subprocess.Popen([*self.command, "hub", "run", "--broker", self.broker.url, "--fleet", self.fleet,
                                           "--data", str(self.data), "--api", "127.0.0.1:0", "--log-level", "debug",
                                           *self.args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.wait(lambda: self._api_up(), 20, "the hub API")
@@ -83,8 +85,8 @@ class HubProcess:
             time.sleep(0.1)
 
     def wait_run(self, run_id: str, timeout: float = 30) -> dict[str, Any]:
-        return self.wait(lambda: (r := self.get(f"/runs/{run_id}"))["state"] in
-                         ("succeeded", "failed", "cancelled", "timed_out") and r, timeout, f"run {run_id}")
+        return self.wait(lambda: (r := self.get(f"/runs/{run_id}"))["state"] in RUN_TERMINAL and r, timeout,
+                         f"run {run_id}")
 
     def agent(self, node_id: str, *args: str) -> AgentProcess:
         agent = AgentProcess(self.broker, self.fleet, node_id, self.data.parent / node_id / "data", self.public_key,

@@ -15,21 +15,19 @@ import collections
 import contextlib
 import json
 import logging
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Enum, Gauge
 
-from agent.node import Backoff
-from agent.telemetry import now_ms
-from agent.transport import BrokerSettings, MqttTransport, Session, TransportError, Will, session_client_id
+from agent.runtime.backoff import Backoff
+from agent.runtime.logs import ThrottledLog
+from agent.runtime.transport import MqttTransport, Session, TransportError, Will, session_client_id
 from protocols import Telemetry
 
 from .. import __version__
 from ..events import AttemptLost, Event
-from ..keys import write_private
-from ..throttle import ThrottledLog
+from agent.runtime.storage import write_private
 from .codec import REASONS, finite
 from .edge import (BORN, CLOSING, OFFLINE, WAITING, DeviceView, DrainRequest, EdgeConfig, EdgeNode, Output, Publish,
                    next_bd_seq)
@@ -82,10 +80,9 @@ class SparkplugBridge(NoBridge):
         self.hub = hub
         self.edge = EdgeNode(EdgeConfig(settings.group, settings.node_id or config.fleet, settings.host,
                                         dict(settings.deadband), settings.commands))
-        self.transport = MqttTransport(BrokerSettings(config.broker, config.username, config.password, config.ca_file,
-                                                      config.cert_file, config.key_file))
+        self.transport = MqttTransport(config.broker_settings())
         self.bd_seq = BdSeqFile(Path(config.data) / BD_SEQ_FILE)
-        self.log = ThrottledLog()
+        self.log = ThrottledLog(log)
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self._pending: collections.deque[Publish] = collections.deque()
@@ -139,7 +136,7 @@ class SparkplugBridge(NoBridge):
 
     async def _session(self, backoff: Backoff) -> None:
         bd_seq = self.bd_seq.next()
-        will = self.edge.will(bd_seq, now_ms())
+        will = self.edge.will(bd_seq, self.hub.clock())
         client_id = session_client_id(f"{self.hub.config.fleet}.sparkplug")
         async with self.transport.connect(client_id, Will(will.topic, will.payload, will.qos, will.retain)) as session:
             backoff.reset()
@@ -150,7 +147,7 @@ class SparkplugBridge(NoBridge):
             try:
                 for topic in self.edge.subscriptions():
                     await session.subscribe(topic, qos=1)
-                now = now_ms()
+                now = self.hub.clock()
                 self._emit(self.edge.update_node(self._fleet_values(), now))
                 self._sync(now, every=True)  # births carry every device as it is now
                 self._emit(self.edge.connected(bd_seq, now))
@@ -161,7 +158,7 @@ class SparkplugBridge(NoBridge):
             except asyncio.CancelledError:
                 # The hub is stopping: a Sparkplug edge node that disconnects on purpose publishes its NDEATH first.
                 self._pending.clear()
-                self._emit(self.edge.closing(now_ms()))
+                self._emit(self.edge.closing(self.hub.clock()))
                 with contextlib.suppress(TransportError, asyncio.TimeoutError):
                     await asyncio.wait_for(self._drain(session), GOODBYE_S)
                 raise
@@ -171,7 +168,7 @@ class SparkplugBridge(NoBridge):
 
     async def _serve(self, session: Session) -> None:
         reader = asyncio.create_task(self._read(session), name="sparkplug-reader")
-        fleet_at = resync_at = time.monotonic()
+        fleet_at = resync_at = self.hub.clock()
         try:
             while True:
                 await self._drain(session)
@@ -185,13 +182,13 @@ class SparkplugBridge(NoBridge):
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), FLEET_EVERY_S)
                 self._wake.clear()
-                clock, now = time.monotonic(), now_ms()
-                self._sync(now, every=clock >= resync_at)
-                if clock >= resync_at:
-                    resync_at = clock + RESYNC_EVERY_S
-                if clock >= fleet_at:
+                now = self.hub.clock()
+                self._sync(now, every=now >= resync_at)
+                if now >= resync_at:
+                    resync_at = now + int(RESYNC_EVERY_S * 1000)
+                if now >= fleet_at:
                     self._emit(self.edge.update_node(self._fleet_values(), now))
-                    fleet_at = clock + FLEET_EVERY_S
+                    fleet_at = now + int(FLEET_EVERY_S * 1000)
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
@@ -199,7 +196,7 @@ class SparkplugBridge(NoBridge):
     async def _read(self, session: Session) -> None:
         try:
             async for topic, payload in session.messages():
-                out = self.edge.received(topic, payload, now_ms())
+                out = self.edge.received(topic, payload, self.hub.clock())
                 self._emit(out)
                 self._wake.set()
                 for request in out.actions:
@@ -254,7 +251,7 @@ class SparkplugBridge(NoBridge):
 
     def _fleet_values(self) -> dict[str, Any]:
         core = self.hub.core
-        states = collections.Counter(node.state for node in core.nodes.values())
+        states = collections.Counter(str(node.state) for node in core.nodes.values())
         return {"hub_version": __version__, "fleet": self.hub.config.fleet, "nodes_online": states["online"],
                 "nodes_suspected": states["suspected"], "nodes_failed": states["failed"],
                 "nodes_offline": states["offline"], "runs_active": len(core.active), "steps_queued": len(core.queue)}
@@ -262,7 +259,7 @@ class SparkplugBridge(NoBridge):
     async def _drain_node(self, request: DrainRequest) -> None:
         """A DCMD's Device Control/Drain: the same action as `fleetflow nodes drain` (journaled, sent to the node);
         the DDATA that reports it follows from the event, like any other change."""
-        from ..service import OperatorError
+        from ..errors import OperatorError
 
         log.info("sparkplug: DCMD Device Control/Drain=%s for node %s", str(request.on).lower(), request.node)
         try:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
+from protocols import FleetflowError
+
 from . import sparkplug_b_pb2 as pb
 
 Value = bool | int | float | str | None
@@ -36,7 +38,7 @@ BAD_STATE = "bad-state"                   # a STATE message that is not {"online
 REASONS = (MALFORMED, TOO_LARGE, UNKNOWN_METRIC, WRONG_TYPE, READ_ONLY, UNKNOWN_DEVICE, COMMANDS_DISABLED, BAD_STATE)
 
 
-class Refused(Exception):
+class Refused(FleetflowError):
     """A message a host (or anyone on the broker) sent that we will not act on; `reason` is one of REASONS."""
 
     def __init__(self, reason: str, detail: str) -> None:

@@ -23,6 +23,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from protocols import FleetflowError
+
 from . import sparkplug_b_pb2 as pb
 from .codec import (BAD_STATE, COMMANDS_DISABLED, READ_ONLY, UNKNOWN_DEVICE, UNKNOWN_METRIC, MetricSpec, Refused,
                     Value, boolean_of, decode, encode, metric, with_properties)
@@ -61,7 +63,7 @@ DEVICE_METRICS = (
 _DEVICE_BY_NAME = {spec.name: number for number, spec in enumerate(DEVICE_METRICS, 1)}
 _NODE_BY_NAME = {spec.name: number for number, spec in enumerate(NODE_METRICS, 1)}
 
-# The Sparkplug session, as a table of the moves allowed: anything else is a bug of ours (LocalProtocolError).
+# The Sparkplug session, as a table of the moves allowed: anything else is a bug of ours (EdgeNodeMisuse).
 OFFLINE, WAITING, BORN, CLOSING = "offline", "waiting", "born", "closing"
 SESSION_TRANSITIONS = {
     OFFLINE: {WAITING, BORN},          # connected: births at once, or after the primary host's STATE online
@@ -71,7 +73,7 @@ SESSION_TRANSITIONS = {
 }
 
 
-class LocalProtocolError(RuntimeError):
+class EdgeNodeMisuse(FleetflowError, RuntimeError):
     """We asked the edge node for something its session state does not allow: a bug of ours, never input."""
 
 
@@ -334,7 +336,7 @@ class EdgeNode:
     def _births(self, now: int) -> Output:
         """NBIRTH (seq 0) and a DBIRTH for every device alive, in one go: no data can come between them."""
         if self.bd_seq is None:
-            raise LocalProtocolError("births outside an MQTT session (no bdSeq)")
+            raise EdgeNodeMisuse("births outside an MQTT session (no bdSeq)")
         self._move(BORN)
         self._seq = 0
         metrics = [metric(pb.Int64, self.bd_seq, now, name=BD_SEQ),
@@ -374,7 +376,7 @@ class EdgeNode:
 
     def _message(self, kind: str, device: str | None, metrics: list[pb.Payload.Metric], now: int) -> Publish:
         if self.state != BORN:
-            raise LocalProtocolError(f"a {kind} while the session is {self.state}")
+            raise EdgeNodeMisuse(f"a {kind} while the session is {self.state}")
         seq = self._seq
         self._seq = (seq + 1) % SEQ_MODULUS
         return Publish(self.topic(kind, device), encode(now, metrics, seq), 0, False, kind)
@@ -409,7 +411,7 @@ class EdgeNode:
 
     def _move(self, new: str) -> None:
         if new not in SESSION_TRANSITIONS[self.state]:
-            raise LocalProtocolError(f"Sparkplug session: {self.state} -> {new} is not allowed")
+            raise EdgeNodeMisuse(f"Sparkplug session: {self.state} -> {new} is not allowed")
         self.state = new
 
 

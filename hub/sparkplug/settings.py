@@ -97,7 +97,7 @@ def bridge_for(hub: Hub, settings: SparkplugSettings | None) -> NoBridge:
         missing = isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] == "google"
         if not missing and not type(exc).__module__.startswith("google.protobuf"):
             raise
-        from ..service import OperatorError
+        from ..errors import OperatorError
 
         raise OperatorError(f"--sparkplug needs the protobuf package of the hub extra (pip install "
                             f"'fleetflow[hub]'): {exc}") from None

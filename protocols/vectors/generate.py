@@ -104,6 +104,13 @@ def valid_vectors() -> list[dict[str, Any]]:
     out.append(vector("valid-hub_state-next_key", rotating.topic, HUB_KEY, rotating.payload, "valid", True,
                       cbor.loads(cbor2.loads(rotating.payload).value[2]),
                       "a key rotation under way (section 7.2): signed by the current key, announcing next_key"))
+    # Sealed last, so the sequence numbers of every vector above stay as they were.
+    login = node.seal(Enroll(bytes(NODE_KEY.verify_key), "rpi4", {}, None, "vector-broker-password-2c9e41d7"),
+                      T0 + node.seq)
+    out.append(vector("valid-enroll-broker_password", login.topic, NODE_KEY, login.payload, "valid", True,
+                      cbor.loads(cbor2.loads(login.payload).value[2]),
+                      "an enroll request over the shared enrollment login, carrying the password the node will log "
+                      "in to the broker with once accepted (section 7.1)"))
     return out
 
 

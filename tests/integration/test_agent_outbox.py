@@ -1,15 +1,22 @@
-"""The outbox across a broker outage and kill -9, and when it is full."""
+"""The outbox across a broker outage and kill -9 (real processes), and when it is full (the real hub and agent in one
+process, on the in-memory broker)."""
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import sqlite3
-import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-from protocols import Assign
+from agent.runtime.memory import MemoryTransport
+from agent.runtime.transport import Session, Will
+from protocols import Ack, ProtocolError, open_envelope
+from tests.agentprocess import AgentProcess
 from tests.brokers import Broker
-from tests.hubdouble import AgentProcess, HubDouble
+from tests.hubprocess import HubProcess
+from tests.memoryfleet import MemoryFleet, run_fleet
+from tests.nodewire import observed
+from tests.waiting import wait
 
 
 def outbox_results(data: Path) -> int:
@@ -18,60 +25,6 @@ def outbox_results(data: Path) -> int:
         return int(db.execute("SELECT COUNT(*) FROM entries WHERE type = 'result'").fetchone()[0])
     finally:
         db.close()
-
-
-async def wait_until(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-def test_results_survive_broker_outage_and_kill9(broker: Broker, tmp_path: Path) -> None:
-    data = tmp_path / "n1" / "data"
-
-    async def scenario() -> None:
-        async with HubDouble(broker, "f-outage") as hub:
-            agent = AgentProcess(broker, hub.fleet, "n1", data, hub.public_key_hex,
-                                 ("--heartbeat", "0.3", "--max-concurrent", "4")).start()
-            try:
-                birth = await hub.wait_for(lambda: hub.of("birth", "n1"), 20, "birth")
-                first_boot = birth[0].header.boot
-                for i in range(3):
-                    await hub.send("n1", Assign("r1", f"s{i}", f"a{i}", 1, "sleep", {"seconds": 0.5 + 0.3 * i}, 30))
-                await hub.wait_for(lambda: len(hub.events("n1", "started")) == 3, 10, "three started")
-                keyring = hub.receiver.keyring
-            except BaseException:
-                agent.stop()
-                raise
-        broker.kill()
-        try:
-            await wait_until(lambda: outbox_results(data) == 3, 15, "three results on disk")
-            agent.kill()  # kill -9 with the results only on disk
-            agent.start()  # restarts while the broker is still down: its first connection fails, so it exits (1)
-            assert await agent.wait_exit(30) == 1
-        finally:
-            broker.start()
-        agent.start()  # as a service manager's Restart= does
-        async with HubDouble(broker, "f-outage", key=hub.key, boot=2) as hub2:
-            hub2.receiver.keyring = keyring
-            try:
-                await hub2.wait_for(lambda: len(hub2.results("n1")) >= 3, 30, "results after the outage")
-                await asyncio.sleep(1.0)  # anything sent twice would show up now
-                results = hub2.results("n1")
-                assert [r.attempt for r in results] == ["a0", "a1", "a2"], "each result once, in order"
-                assert all(r.ok for r in results)
-                eids = [r.eid for r in results]
-                assert eids == sorted(eids)
-                # births are not retained, and this hub may have subscribed after the agent's; results carry the boot
-                new_boot = hub2.of("result", "n1")[0].header.boot
-                assert new_boot > first_boot + 1  # one boot per start and per session
-                await wait_until(lambda: outbox_results(data) == 0, 10, "acknowledged results deleted")
-            finally:
-                agent.stop()
-
-    asyncio.run(scenario())
 
 
 def outbox_counter(data: Path, name: str) -> int:
@@ -83,52 +36,141 @@ def outbox_counter(data: Path, name: str) -> int:
         db.close()
 
 
-def test_full_outbox_sheds_telemetry_keeps_results_and_refuses_work(broker: Broker, tmp_path: Path) -> None:
-    data = tmp_path / "n1" / "data"
-    config = tmp_path / "agent.toml"
-    # 2 slots x (1 KiB step limit + 1 KiB) are reserved, so new work is admitted below 8000 - 4096 bytes.
-    config.write_text("outbox_max_bytes = 8000\nmax_step_bytes = 1024\nmax_concurrent = 2\n")
+THREE_NAPS = """
+name: three-naps
+version: 1.0.0
+steps:
+  - {id: s0, uses: sleep, with: {seconds: 1.0}, retry: {max_attempts: 1}}
+  - {id: s1, uses: sleep, with: {seconds: 1.3}, retry: {max_attempts: 1}}
+  - {id: s2, uses: sleep, with: {seconds: 1.6}, retry: {max_attempts: 1}}
+"""
 
-    async def scenario() -> None:
-        async with HubDouble(broker, "f-full", auto_ack=False) as hub:
-            agent = AgentProcess(broker, hub.fleet, "n1", data, hub.public_key_hex,
-                                 ("--config", str(config), "--heartbeat", "0.2", "--telemetry", "0.05")).start()
-            try:
-                await hub.wait_for(lambda: hub.of("birth", "n1"), 20, "birth")
-                admitted = 0
-                for i in range(40):  # unacknowledged results pile up until the agent refuses work
-                    await hub.send("n1", Assign("r1", f"s{i}", f"a{i}", 1, "echo", {"blob": "x" * 500}, 10))
-                    await hub.wait_for(lambda: any(r.attempt == f"a{i}" for r in hub.results("n1"))
-                                       or hub.events("n1", "refused"), 10, f"outcome of a{i}")
-                    if hub.events("n1", "refused"):
-                        break
-                    admitted += 1
-                refused = hub.events("n1", "refused")
-                assert refused and refused[0].reason == "outbox-full" and admitted >= 2
-                assert outbox_results(data) == admitted  # every admitted step's result is kept
-                keyring = hub.receiver.keyring
-            except BaseException:
-                agent.stop()
-                raise
-        broker.kill()  # offline: telemetry now has to wait in the full outbox, so it is shed
+
+def test_results_survive_broker_outage_and_kill9(mosquitto: Broker, tmp_path: Path) -> None:
+    broker = mosquitto
+    hub = HubProcess(broker, "f-outage", tmp_path / "hub").start()
+    # Heartbeats 10 s apart: the hub declares a node failed after 3 silent heartbeats, so through this outage it keeps
+    # waiting for these very attempts, and the results that come back from the outbox are the ones it accepts.
+    agent = AgentProcess(broker, hub.fleet, "n1", tmp_path / "n1" / "data", hub.public_key,
+                         ("--heartbeat", "10", "--max-concurrent", "4")).start()
+    hub.agents.append(agent)
+    try:
+        with observed(broker, agent) as before:
+            first_boot = wait(lambda: before.of("birth"), 20, "birth")[0].header.boot
+            run_id = hub.submit(THREE_NAPS)
+            wait(lambda: len(before.events("started")) == 3, 10, "three started")
+            broker.kill()  # at once, while the steps run: their results can only go to disk (an acked one would not)
+            assert not before.results(), "a step ended before the broker went down: its result may have been acked"
         try:
-            await wait_until(lambda: outbox_counter(data, "shed") >= 5, 15, "telemetry shed while offline")
+            wait(lambda: outbox_results(agent.data) == 3, 15, "three results on disk")
+            agent.kill()  # kill -9 with the results only on disk
+            agent.start()  # restarts while the broker is still down: its first connection fails, so it exits (1)
+            assert agent.wait_exit(30) == 1, agent.log()[-2000:]
         finally:
             broker.start()
-        async with HubDouble(broker, "f-full", key=hub.key, boot=2, auto_ack=False) as hub2:
-            hub2.receiver.keyring = keyring
-            try:
-                await hub2.wait_for(lambda: [m for m in hub2.of("hb", "n1") if m.body.shed >= 5],  # type: ignore[attr-defined]
-                                    20, "shed count in a heartbeat")
-                assert outbox_results(data) == admitted
-                await hub2.wait_for(lambda: len({r.attempt for r in hub2.results("n1")}) == admitted, 20, "resent")
-                from protocols import Ack
+        with observed(broker, agent) as after:
+            hub.wait(lambda: hub.get("/health")["connected"], 30, "the hub back on the broker")
+            agent.start()  # as a service manager's Restart= does
+            run = hub.wait_run(run_id, 30)
+            assert run["state"] == "succeeded", run
+            # The hub accepted the results the outbox kept: each step has the one attempt it assigned before.
+            assigned = {s["id"]: [a["id"] for a in s["attempts"]] for s in run["steps"]}
+            assert all(len(ids) == 1 for ids in assigned.values()), assigned
+            wait(lambda: outbox_results(agent.data) == 0, 10, "acknowledged results deleted")
+            results = after.results()  # acknowledged, so nothing more is sent: each result once, in order
+            assert [(r.step, r.attempt) for r in results] == [(s, assigned[s][0]) for s in ("s0", "s1", "s2")]
+            assert all(r.ok for r in results)
+            eids = [r.eid for r in results]
+            assert eids == sorted(eids)
+            # one boot per start and per session; the killed start and the failed one each took one
+            assert after.of("result")[0].header.boot > first_boot + 1
+            assert not after.refused
+    finally:
+        hub.stop()
 
-                await hub2.send("n1", Ack(tuple(r.eid for r in hub2.results("n1"))))
-                await wait_until(lambda: outbox_results(data) == 0, 10, "results deleted after ack")
-                await hub2.send("n1", Assign("r2", "later", "b2", 1, "echo", {}, 10))
-                await hub2.wait_for(lambda: [r for r in hub2.results("n1") if r.attempt == "b2"], 10, "work resumes")
-            finally:
-                agent.stop()
 
-    asyncio.run(scenario())
+class AcksLost:
+    """A node's link that loses every acknowledgement of its events on the way in while `losing` (assignments and
+    everything else arrive): its results then wait in its outbox, unacknowledged, however often they are sent."""
+
+    def __init__(self, link: MemoryTransport, hub_key: bytes) -> None:
+        self.link, self.hub_key, self.losing = link, hub_key, True
+
+    def is_ack(self, topic: str, payload: bytes) -> bool:
+        try:
+            body = open_envelope(payload, topic, self.hub_key).body
+        except ProtocolError:
+            return False  # not the hub's: the agent judges it
+        return isinstance(body, Ack) and body.enroll is None  # an enrollment verdict is an Ack too: it arrives
+
+    @contextlib.asynccontextmanager
+    async def connect(self, client_id: str, will: Will | None) -> AsyncIterator[Session]:
+        async with self.link.connect(client_id, will) as session:
+            yield _LosingSession(session, self)
+
+
+class _LosingSession:
+    def __init__(self, session: Session, link: AcksLost) -> None:
+        self.session, self.link = session, link
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+        await self.session.publish(topic, payload, qos, retain)
+
+    async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        await self.session.subscribe(topic_filter, qos)
+
+    async def messages(self) -> AsyncIterator[tuple[str, bytes]]:
+        async for topic, payload in self.session.messages():
+            if not (self.link.losing and self.link.is_ack(topic, payload)):
+                yield topic, payload
+
+    async def closed(self) -> None:
+        await self.session.closed()
+
+
+# Twelve steps with results of ~600 bytes: more than the outbox below holds unacknowledged.
+FILL = {"name": "fill", "version": "1.0.0",
+        "steps": [{"id": f"s{i}", "uses": "echo", "with": {"blob": "x" * 500}} for i in range(12)]}
+
+
+def test_full_outbox_sheds_telemetry_keeps_results_and_refuses_work(tmp_path: Path) -> None:
+    data = tmp_path / "n1"
+
+    async def scenario(fleet: MemoryFleet) -> None:
+        link = AcksLost(MemoryTransport(fleet.broker, "n1"), fleet.hub.public_key)
+        # 2 slots x (1 KiB step limit + 1 KiB) are reserved, so new work is admitted below 8000 - 4096 bytes.
+        fleet.start_agent("n1", link, outbox_max_bytes=8000, max_step_bytes=1024, max_concurrent=2, heartbeat=0.5,
+                          telemetry=0.1)
+        wire = fleet.wire("n1")
+        await fleet.wait(lambda: fleet.online("n1"), 30, "n1 online")
+        run_id = await fleet.submit(FILL)
+        refused = await fleet.wait(lambda: wire.events("refused"), 60, "a refusal")
+        assert refused[0].reason == "outbox-full"
+
+        def finished_admitted() -> set[str]:
+            """The attempts the agent admitted, once each of them has its result out."""
+            started = {e.attempt for e in wire.events("started")}
+            return started if started == {r.attempt for r in wire.results()} else set()
+
+        admitted = await fleet.wait(finished_admitted, 30, "admitted steps done")
+        assert len(admitted) >= 2
+        assert outbox_results(data) == len(admitted)  # every admitted step's result is kept
+        steps = fleet.hub.core.runs[run_id].steps.values()
+        assert {a for s in steps if s.state == "succeeded" for a in s.attempts} == admitted  # the hub had them all
+
+        fleet.broker.partition("n1", notice_after=2.0)  # offline: telemetry has to wait in the full outbox: shed
+        await fleet.wait(lambda: outbox_counter(data, "shed") >= 5, 60, "telemetry shed while offline")
+        fleet.broker.heal("n1")
+        await fleet.wait(lambda: (hb := fleet.hub.views["n1"].heartbeat) is not None and hb.shed >= 5, 120,
+                         "the shed count in a heartbeat the hub read")
+        await fleet.wait(lambda: all(sum(r.attempt == a for r in wire.results()) >= 2 for a in admitted), 30,
+                         "unacknowledged results sent again in the new session")
+        assert outbox_results(data) == len(admitted)
+        succeeded = [s for s in steps if s.state == "succeeded"]
+        assert {a for s in succeeded for a in s.attempts} == admitted, "each result accepted once"
+
+        link.losing = False  # acknowledgements get through again: the results are deleted, and work resumes
+        await fleet.wait(lambda: outbox_results(data) == 0, 60, "results deleted after their ack")
+        assert await fleet.wait(lambda: fleet.finished(run_id), 300, "the run") == "succeeded"
+
+    run_fleet(tmp_path, scenario)

@@ -1,70 +1,73 @@
-"""The agent against real brokers: enrollment, birth, heartbeats, telemetry, death on kill -9 and on SIGTERM."""
+"""A real agent process under a real hub process: enrollment, birth, heartbeats, telemetry, death on kill -9 and on
+SIGTERM, as a third party on the broker sees them."""
 
 from __future__ import annotations
 
-import asyncio
+import json
 import signal
 import time
 from pathlib import Path
 
-
-from protocols import Assign, Birth, Heartbeat, Telemetry
+from protocols import Birth, Death, Telemetry
+from tests.agentprocess import AgentProcess
 from tests.brokers import Broker
-from tests.hubdouble import AgentProcess, HubDouble
+from tests.hubprocess import HubProcess
+from tests.nodewire import observed
+from tests.waiting import wait
 
 
-def agent_for(broker: Broker, tmp_path: Path, hub: HubDouble, node: str = "n1", *args: str) -> AgentProcess:
-    return AgentProcess(broker, hub.fleet, node, tmp_path / node / "data", hub.public_key_hex,
-                        ("--heartbeat", "0.5", "--telemetry", "0.5", *args))
+def agent_for(hub: HubProcess, tmp_path: Path, node: str = "n1") -> AgentProcess:
+    agent = AgentProcess(hub.broker, hub.fleet, node, tmp_path / node / "data", hub.public_key,
+                         ("--heartbeat", "0.5", "--telemetry", "0.5"))
+    hub.agents.append(agent)  # stopped with the hub
+    return agent
 
 
-def test_enroll_birth_heartbeat_telemetry_and_kill9_death(broker: Broker, tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with HubDouble(broker, "f-session") as hub:
-            agent = agent_for(broker, tmp_path, hub).start()
-            try:
-                await hub.wait_for(lambda: hub.of("birth", "n1"), 20, "birth")
-                assert hub.of("enroll", "n1"), "the agent enrolled before its birth"
-                birth = hub.of("birth", "n1")[0]
-                assert isinstance(birth.body, Birth) and birth.body.profile == "container"
-                assert {"noop", "echo", "sleep", "fail"} <= set(birth.body.caps)
-                assert "shell" not in birth.body.caps  # dangerous executors are off by default
-                await hub.wait_for(lambda: len(hub.of("hb", "n1")) >= 2 and hub.of("tel", "n1"), 15, "hb and tel")
-                hb = hub.of("hb", "n1")[-1].body
-                assert isinstance(hb, Heartbeat) and hb.free == birth.body.slots
-                tel = hub.of("tel", "n1")[-1].body
-                assert isinstance(tel, Telemetry) and {"cpu", "mem", "rss_mb"} <= set(tel.metrics)
-                boot = birth.header.boot
-                killed = time.monotonic()
-                agent.kill()
-                death = await hub.wait_for(lambda: hub.of("death", "n1"), 10, "death certificate")
-                assert time.monotonic() - killed < 2.0
-                assert death[0].body.reason == "lost" and death[0].header.boot == boot  # type: ignore[attr-defined]
-                assert not hub.refused
-            finally:
-                agent.stop()
-
-    asyncio.run(scenario())
+def test_enroll_birth_heartbeat_telemetry_and_kill9_death(mosquitto: Broker, tmp_path: Path) -> None:
+    with HubProcess(mosquitto, "f-session", tmp_path / "hub") as hub:
+        agent = agent_for(hub, tmp_path)
+        with observed(mosquitto, agent) as wire:
+            agent.start()
+            birth = wait(lambda: wire.of("birth"), 20, "birth")[0]
+            assert wire.kinds().index("enroll") < wire.kinds().index("birth"), "the agent enrolled before its birth"
+            assert isinstance(birth.body, Birth) and birth.body.profile == "container"
+            assert {"noop", "echo", "sleep", "fail"} <= set(birth.body.caps)
+            assert "shell" not in birth.body.caps  # dangerous executors are off by default
+            wait(lambda: len(wire.heartbeats()) >= 2 and wire.of("tel"), 15, "hb and tel")
+            assert wire.heartbeats()[-1].free == birth.body.slots
+            tel = wire.of("tel")[-1].body
+            assert isinstance(tel, Telemetry) and {"cpu", "mem", "rss_mb"} <= set(tel.metrics)
+            hub.wait_nodes(1)
+            killed = time.monotonic()
+            agent.kill()
+            deaths = wait(lambda: wire.deaths(), 10, "death certificate")
+            assert time.monotonic() - killed < 2.0
+            assert deaths == [(birth.header.boot, Death("lost"))]
+            hub.wait(lambda: hub.get("/nodes/n1")["liveness"] == "failed", 10, "the hub to hold n1 failed")
+            assert not wire.refused and hub.metric("fleetflow_rejected") == 0  # all signed, nothing replayed
 
 
-def test_sigterm_finishes_the_step_then_dies_cleanly(broker: Broker, tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with HubDouble(broker, "f-term") as hub:
-            agent = agent_for(broker, tmp_path, hub).start()
-            try:
-                await hub.wait_for(lambda: hub.of("birth", "n1"), 20, "birth")
-                await hub.send("n1", Assign("r1", "s1", "r1.s1.1", 1, "sleep", {"seconds": 1.0}, 30))
-                await hub.wait_for(lambda: hub.events("n1", "started"), 10, "started")
-                agent.signal(signal.SIGTERM)
-                assert await agent.wait_exit(20) == 0
-                results = hub.results("n1")
-                assert [r.attempt for r in results] == ["r1.s1.1"] and results[0].ok
-                deaths = hub.of("death", "n1")
-                assert len(deaths) == 1 and deaths[0].body.reason == "shutdown"  # type: ignore[attr-defined]
-                # the result was delivered before the death
-                order = [s.message.header.type for s in hub.seen if s.message.header.type in ("result", "death")]
-                assert order == ["result", "death"]
-            finally:
-                agent.stop()
+NAP = json.dumps({"name": "nap", "version": "1.0.0", "steps": [{"id": "nap", "uses": "sleep",
+                                                                 "with": {"seconds": 1.0}}]})
 
-    asyncio.run(scenario())
+
+def test_sigterm_finishes_the_step_then_dies_cleanly(mosquitto: Broker, tmp_path: Path) -> None:
+    with HubProcess(mosquitto, "f-term", tmp_path / "hub") as hub:
+        agent = agent_for(hub, tmp_path)
+        with observed(mosquitto, agent) as wire:
+            agent.start()
+            hub.wait_nodes(1)
+            run_id = hub.submit(NAP)
+            wait(lambda: wire.events("started"), 10, "started")
+            agent.signal(signal.SIGTERM)
+            assert agent.wait_exit(20) == 0
+            deaths = wait(lambda: wire.deaths(), 10, "death certificate")
+            assert [death.reason for _, death in deaths] == ["shutdown"]
+            results = wire.results()
+            assert [r.step for r in results] == ["nap"] and results[0].ok
+            # the result was delivered (and acknowledged) before the death
+            assert [kind for kind in wire.kinds() if kind in ("result", "death")] == ["result", "death"]
+            # so the hub accepted it from the attempt it assigned, and moved nothing when the node left
+            run = hub.wait_run(run_id, 10)
+            assert run["state"] == "succeeded" and [len(s["attempts"]) for s in run["steps"]] == [1], run
+            hub.wait(lambda: hub.get("/nodes/n1")["liveness"] == "offline", 10, "the hub to hold n1 offline")

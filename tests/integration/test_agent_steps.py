@@ -1,22 +1,31 @@
-"""Steps on a real agent process: results, shell timeouts with children, cancel, and refused commands."""
+"""Steps: results, shell timeouts with children and cancel on a real agent process under a real hub process; commands
+the hub would never send, refused and counted, on the real hub and agent in one process (in-memory broker)."""
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
+import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import nacl.signing
 
-from protocols import Assign, AttemptRef, Cancel, Drain, Signer
+from agent.runtime.memory import MemoryTransport
+from protocols import HUB_ID, Assign, Drain, Signer
+from sim.inprocess import virtual_clock_ms
+from tests.agentprocess import AgentProcess
 from tests.brokers import Broker
-from tests.hubdouble import AgentProcess, HubDouble, now_ms
+from tests.hubprocess import HubProcess
+from tests.memoryfleet import FLEET, MemoryFleet, run_fleet
+from tests.nodewire import observed
+from tests.waiting import wait
 
 
-def start(broker: Broker, tmp_path: Path, hub: HubDouble, *args: str) -> AgentProcess:
-    return AgentProcess(broker, hub.fleet, "n1", tmp_path / "n1" / "data", hub.public_key_hex,
-                        ("--heartbeat", "0.3", "--telemetry", "5", *args)).start()
+def workflow(name: str, step: dict[str, Any]) -> str:
+    """A one-step workflow as the API takes it (JSON is YAML)."""
+    return json.dumps({"name": name, "version": "1.0.0", "steps": [{"retry": {"max_attempts": 1}, **step}]})
 
 
 def pid_alive(pid: int) -> bool:
@@ -31,87 +40,98 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def test_echo_fail_shell_timeout_and_cancel(broker: Broker, tmp_path: Path) -> None:
+def test_echo_fail_shell_timeout_and_cancel(mosquitto: Broker, tmp_path: Path) -> None:
     config = tmp_path / "agent.toml"
     pidfile = tmp_path / "child.pid"
     config.write_text('[shell]\nenabled = true\nallow = ["/bin/sh"]\n')
+    # a shell step whose background child would outlive it; the timeout must kill both
+    script = f"sleep 60 & echo $! > {pidfile}; wait"
 
-    async def scenario() -> None:
-        async with HubDouble(broker, "f-steps") as hub:
-            agent = start(broker, tmp_path, hub, "--config", str(config), "--max-concurrent", "4")
-            try:
-                await hub.wait_for(lambda: hub.of("birth", "n1"), 20, "birth")
-                await hub.send("n1", Assign("r1", "echo", "a1", 1, "echo", {"x": [1, "two"]}, 10))
-                await hub.send("n1", Assign("r1", "fail", "a2", 1, "fail", {"message": "valve stuck"}, 10))
-                # a shell step whose background child would outlive it; the timeout must kill both
-                script = f"sleep 60 & echo $! > {pidfile}; wait"
-                await hub.send("n1", Assign("r1", "shell", "a3", 1, "shell", {"argv": ["/bin/sh", "-c", script]}, 1.0))
-                await hub.send("n1", Assign("r1", "long", "a4", 1, "sleep", {"seconds": 60}, 120))
-                await hub.wait_for(lambda: len(hub.events("n1", "started")) >= 4, 10, "four started")
-                await hub.send("n1", Cancel((AttemptRef("r1", "long", "a4", 1),), "operator"))
-                await hub.wait_for(lambda: len(hub.results("n1")) >= 3 and hub.events("n1", "cancelled"), 15,
-                                   "results and cancel")
-                by_attempt = {r.attempt: r for r in hub.results("n1")}
-                assert by_attempt["a1"].ok and by_attempt["a1"].output == {"x": [1, "two"]}
-                assert not by_attempt["a2"].ok and by_attempt["a2"].error == "valve stuck"
-                assert not by_attempt["a3"].ok and "timed out" in (by_attempt["a3"].error or "")
-                cancelled = hub.events("n1", "cancelled")
-                assert [e.attempt for e in cancelled] == ["a4"] and cancelled[0].reason == "operator"
-                child = int(pidfile.read_text())
-                deadline = time.monotonic() + 5
-                while pid_alive(child) and time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)
-                assert not pid_alive(child), "the shell step's background child survived the timeout"
-                # a command not on the allowlist fails the step, it is not run
-                await hub.send("n1", Assign("r2", "bad", "b1", 1, "shell", {"argv": ["/bin/rm", "-rf", "/tmp/x"]}, 5))
-                await hub.wait_for(lambda: any(r.attempt == "b1" for r in hub.results("n1")), 10, "refused shell")
-                assert "allowlist" in next(r.error for r in hub.results("n1") if r.attempt == "b1")  # type: ignore[operator]
-            finally:
-                agent.stop()
+    with HubProcess(mosquitto, "f-steps", tmp_path / "hub") as hub:
+        agent = AgentProcess(mosquitto, hub.fleet, "n1", tmp_path / "n1" / "data", hub.public_key,
+                             ("--heartbeat", "0.3", "--telemetry", "5", "--config", str(config),
+                              "--max-concurrent", "4"))
+        hub.agents.append(agent)
+        with observed(mosquitto, agent) as wire:
+            agent.start()
+            hub.wait_nodes(1)
+            runs = {name: hub.submit(workflow(name, step)) for name, step in (
+                ("echo", {"id": "echo", "uses": "echo", "with": {"x": [1, "two"]}}),
+                ("fail", {"id": "fail", "uses": "fail", "with": {"message": "valve stuck"}}),
+                ("shell", {"id": "shell", "uses": "shell", "with": {"argv": ["/bin/sh", "-c", script]},
+                           "timeout": 1.0}),
+                ("long", {"id": "long", "uses": "sleep", "with": {"seconds": 60}, "timeout": 120}))}
+            wait(lambda: len(wire.events("started")) >= 4, 10, "four started")
+            hub.post(f"/runs/{runs['long']}/cancel", {"reason": "operator"})
+            states = {name: hub.wait_run(run_id, 15)["state"] for name, run_id in runs.items()}
+            assert states == {"echo": "succeeded", "fail": "failed", "shell": "failed", "long": "cancelled"}, states
+            cancelled = wait(lambda: wire.events("cancelled"), 10, "the cancelled step's event")
+            assert [(e.step, e.reason) for e in cancelled] == [("long", "operator")]
+            by_step = {r.step: r for r in wire.results()}
+            assert by_step["echo"].ok and by_step["echo"].output == {"x": [1, "two"]}
+            assert not by_step["fail"].ok and by_step["fail"].error == "valve stuck"
+            assert not by_step["shell"].ok and "timed out" in (by_step["shell"].error or "")
+            child = int(pidfile.read_text())
+            deadline = time.monotonic() + 5
+            while pid_alive(child) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not pid_alive(child), "the shell step's background child survived the timeout"
+            # a command not on the allowlist fails the step, it is not run
+            bad = hub.submit(workflow("bad", {"id": "bad", "uses": "shell",
+                                              "with": {"argv": ["/bin/rm", "-rf", str(tmp_path / "x")]}}))
+            assert hub.wait_run(bad, 15)["state"] == "failed"
+            refused = wait(lambda: [r for r in wire.results() if r.step == "bad"], 10, "the refused shell's result")
+            assert "allowlist" in (refused[0].error or "")
+            assert not wire.refused
 
-    asyncio.run(scenario())
+
+ONE_ECHO = {"name": "one-echo", "version": "1.0.0", "steps": [{"id": "s1", "uses": "echo", "with": {"n": 1}}]}
 
 
-def test_bad_commands_are_refused_and_counted_while_work_goes_on(broker: Broker, tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with HubDouble(broker, "f-bad") as hub:
-            agent = start(broker, tmp_path, hub)
-            try:
-                await hub.wait_for(lambda: hub.of("birth", "n1"), 20, "birth")
-                # 1. signed by a key that is not the hub's
-                impostor = Signer(nacl.signing.SigningKey.generate(), "f-bad", "hub", boot=1)
-                forged = impostor.seal(Drain(True), now_ms(), dst="n1", ttl_ms=10_000)
-                await hub.publish_raw(forged.topic, forged.payload)
-                # 2. a command for another node, moved onto n1's topic
-                other = hub.signer.seal(Drain(True), now_ms(), dst="n2", ttl_ms=10_000)
-                await hub.publish_raw(other.topic.replace("/n2/", "/n1/"), other.payload)
-                # 3. expired
-                old = hub.signer.seal(Drain(True), now_ms() - 60_000, dst="n1", ttl_ms=1_000)
-                await hub.publish_raw(old.topic, old.payload)
-                # 4. replayed: a valid command sent twice
-                ok = await hub.send("n1", Assign("r1", "s1", "a1", 5, "echo", {"n": 1}, 10))
-                await hub.publish_raw(ok.topic, ok.payload)
-                # 5. a stale fence: fence 4 after fence 5 for the same (run, step)
-                await hub.send("n1", Assign("r1", "s1", "a0", 4, "echo", {"n": 0}, 10))
-                # 6. bytes that are not an envelope at all
-                await hub.publish_raw(ok.topic, b"\x00garbage")
+def test_bad_commands_are_refused_and_counted_while_work_goes_on(tmp_path: Path) -> None:
+    async def scenario(fleet: MemoryFleet) -> None:
+        fleet.start_agent("n1", heartbeat=0.3)
+        wire = fleet.wire("n1")
+        await fleet.wait(lambda: fleet.online("n1"), 30, "n1 online")
+        first = await fleet.submit(ONE_ECHO)
+        assert await fleet.wait(lambda: fleet.finished(first), 30, "the first run") == "succeeded"
+        captured = next(c for c in wire.commands(fleet.hub.public_key) if isinstance(c.message.body, Assign))
+        assign: Assign = captured.message.body  # type: ignore[assignment]
+        # Sealed with the hub's own signer (its key and its sequence numbers), as the hub never would.
+        hub_signer = fleet.hub.signer
+        now = virtual_clock_ms()
+        impostor = Signer(nacl.signing.SigningKey.generate(), FLEET, HUB_ID, boot=hub_signer.boot)
+        forged = impostor.seal(Drain(True), now, dst="n1", ttl_ms=10_000)
+        other = hub_signer.seal(Drain(True), now, dst="n2", ttl_ms=10_000)
+        expired = hub_signer.seal(Drain(True), now - 60_000, dst="n1", ttl_ms=1_000)
+        stale = hub_signer.seal(dataclasses.replace(assign, attempt="a0", fence=assign.fence - 1), now, dst="n1",
+                                ttl_ms=10_000)
+        async with MemoryTransport(fleet.broker, "attacker").connect("attacker-1", None) as attacker:
+            await attacker.publish(forged.topic, forged.payload, qos=1)  # 1. signed by a key that is not the hub's
+            await attacker.publish(other.topic.replace("/n2/", "/n1/"), other.payload,
+                                   qos=1)  # 2. a command for another node, moved onto n1's topic
+            await attacker.publish(expired.topic, expired.payload, qos=1)  # 3. expired
+            await attacker.publish(captured.topic, captured.payload, qos=1)  # 4. replayed: captured, sent again
+            await attacker.publish(stale.topic, stale.payload, qos=1)  # 5. a stale fence for the same (run, step)
+            await attacker.publish(captured.topic, b"\x00garbage", qos=1)  # 6. not an envelope at all
 
-                def counted() -> dict[str, int] | None:
-                    hbs = hub.of("hb", "n1")
-                    rejected = hbs[-1].body.rejected if hbs else {}  # type: ignore[attr-defined]
-                    want = {"unknown-key", "wrong-topic", "expired", "replayed", "malformed"}
-                    return rejected if want <= set(rejected) else None
+        def counted() -> dict[str, int]:
+            """The latest heartbeat's rejection counts, once they name every kind sent."""
+            hbs = wire.heartbeats()
+            rejected = hbs[-1].rejected if hbs else {}
+            want = {"unknown-key", "wrong-topic", "expired", "replayed", "malformed"}
+            return rejected if want <= set(rejected) else {}
 
-                rejected = await hub.wait_for(counted, 15, "rejections counted in heartbeats")
-                assert rejected["replayed"] == 1 and rejected["expired"] == 1
-                stale = await hub.wait_for(lambda: hub.events("n1", "refused"), 10, "stale fence refusal")
-                assert stale[0].attempt == "a0" and stale[0].reason == "stale-fence"
-                # drain never took effect (every drain was forged, misdirected or expired) and work goes on
-                assert not hub.of("hb", "n1")[-1].body.draining  # type: ignore[attr-defined]
-                await hub.send("n1", Assign("r2", "s1", "a9", 1, "echo", {"still": "working"}, 10))
-                await hub.wait_for(lambda: [r for r in hub.results("n1") if r.attempt == "a9"], 10, "later step")
-                assert [r.attempt for r in hub.results("n1")].count("a1") == 1
-            finally:
-                agent.stop()
+        rejected = await fleet.wait(counted, 15, "rejections counted in heartbeats")
+        assert rejected["replayed"] == 1 and rejected["expired"] == 1
+        refused = await fleet.wait(lambda: wire.events("refused"), 10, "the stale fence's refusal")
+        assert [(e.attempt, e.reason) for e in refused] == [("a0", "stale-fence")]
+        # drain never took effect (every drain was forged, misdirected or expired) and work goes on
+        assert not wire.heartbeats()[-1].draining
+        assert not fleet.hub.core.nodes["n1"].draining
+        later = await fleet.submit(ONE_ECHO)
+        assert await fleet.wait(lambda: fleet.finished(later), 30, "a later run") == "succeeded"
+        assert [r.attempt for r in wire.results()].count(assign.attempt) == 1
+        assert not wire.refused
 
-    asyncio.run(scenario())
+    run_fleet(tmp_path, scenario)

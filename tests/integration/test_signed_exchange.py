@@ -8,7 +8,7 @@ import time
 import aiomqtt
 import nacl.signing
 
-from agent.telemetry import now_ms
+from agent.runtime.clock import now_ms
 from protocols import Heartbeat, Keyring, ProtocolError, Receiver, Signer, Telemetry, TopicFilter
 from tests.brokers import HOST, Broker
 

@@ -27,11 +27,17 @@ def hub(mosquitto: Broker, tmp_path: Path) -> Iterator[HubProcess]:
         yield process
 
 
+def reading(temp: float) -> str:
+    """A telemetry overlay that pins every judged metric, not only the one under test: the agents' real psutil
+    figures are of the test machine, whose CPU a busy CI run keeps at 100% (that made every node unhealthy)."""
+    return json.dumps({"cpu": 10, "mem": 30, "disk": 20, "temp": temp})
+
+
 def start_nodes(hub: HubProcess, names: list[str]) -> dict[str, Path]:
     files = {}
     for name in names:
         files[name] = hub.data.parent / f"{name}-telemetry.json"
-        files[name].write_text(json.dumps({"temp": 45}))
+        files[name].write_text(reading(45))
         hub.agent(name, "--telemetry", "0.2", "--telemetry-file", str(files[name]))
     hub.wait_nodes(len(names))
     return files
@@ -53,7 +59,7 @@ def test_critical_temperature_moves_the_migratable_step(hub: HubProcess) -> None
                         "    migratable: true\n")
     first = running_on(hub, run_id, "long")
     stale_before = hub.metric("fleetflow_stale_reports")
-    files[first["node"]].write_text(json.dumps({"temp": 95}))  # over critical (85) from now on
+    files[first["node"]].write_text(reading(95))  # over critical (85) from now on
     run = hub.wait_run(run_id, 30)
     assert run["state"] == "succeeded", run
     attempts = run["steps"][0]["attempts"]
@@ -70,7 +76,7 @@ def test_critical_temperature_moves_the_migratable_step(hub: HubProcess) -> None
     hub.wait(lambda: hub.metric("fleetflow_stale_reports") > stale_before, 10, "the stale report")
     assert hub.metric('fleetflow_adaptation_actions_total{action="migrate"}') >= 1
     # cooling down past the recovery time makes it healthy and placeable again
-    files[first["node"]].write_text(json.dumps({"temp": 40}))
+    files[first["node"]].write_text(reading(40))
     hub.wait(lambda: hub.get(f"/nodes/{first['node']}")["health"] == "healthy", 15, "recovery")
     assert not hub.get(f"/nodes/{first['node']}")["throttled"]
 
@@ -80,7 +86,7 @@ def test_non_migratable_step_stays_and_the_node_is_throttled(hub: HubProcess) ->
     run_id = hub.submit("name: pinned\nsteps:\n  - id: stay\n    uses: sleep\n    with: {seconds: 3}\n")
     first = running_on(hub, run_id, "stay")
     hot = first["node"]
-    files[hot].write_text(json.dumps({"temp": 95}))
+    files[hot].write_text(reading(95))
     hub.wait(lambda: hub.get(f"/nodes/{hot}")["throttled"], 10, "throttle")
     others = [hub.submit("name: quick\nsteps:\n  - id: q\n    uses: echo\n") for _ in range(3)]
     run = hub.wait_run(run_id, 20)

@@ -17,8 +17,8 @@ import httpx
 import nacl.signing
 import pytest
 
-from agent.keys import write_new_key
-from agent.telemetry import now_ms
+from agent.runtime.keys import write_new_key
+from agent.runtime.clock import now_ms
 from protocols import (
     Ack,
     Enroll,
@@ -30,8 +30,8 @@ from protocols import (
     kid_for,
     open_envelope,
 )
+from tests.agentprocess import AgentProcess
 from tests.brokers import Broker
-from tests.hubdouble import AgentProcess
 from tests.hubprocess import HubProcess
 from tests.waiting import wait
 from tests.wire import Observer, Publisher

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.keys import load_key
+from agent.runtime.keys import load_key
 from protocols import Birth, Keyring, Message, Receiver, Telemetry
 from tests.brokers import Broker
 from tests.hubprocess import HubProcess

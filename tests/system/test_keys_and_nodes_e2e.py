@@ -20,25 +20,15 @@ from typing import Any
 import httpx
 
 from protocols import HubState, Topic, kid_for, open_envelope
+from tests.agentprocess import AgentProcess
 from tests.brokers import Broker
-from tests.hubdouble import AgentProcess
 from tests.hubprocess import HubProcess
 from tests.wire import Observer
+from tests.cli import fleetflow, ok
 
 FLEET = "keys"
 BIN = Path(sys.executable).parent
 ONE_STEP = "name: one\nversion: 1.0.0\nsteps:\n  - id: a\n    uses: echo\n    with: {v: 1}\n"
-
-
-def fleetflow(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("FLEETFLOW_")}
-    return subprocess.run([str(BIN / "fleetflow"), *args], capture_output=True, text=True, timeout=timeout, env=clean)
-
-
-def ok(*args: str) -> str:
-    out = fleetflow(*args)
-    assert out.returncode == 0, (args, out.stdout, out.stderr)
-    return out.stdout
 
 
 def registry(hub: HubProcess) -> dict[str, dict[str, Any]]:

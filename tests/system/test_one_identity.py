@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from protocols import cbor, envelope
+from tests.agentprocess import AgentProcess
 from tests.brokers import Broker
-from tests.hubdouble import AgentProcess
 from tests.hubprocess import HubProcess
 from tests.waiting import wait
 from tests.wire import Observer
@@ -88,7 +88,7 @@ def test_a_refused_start_changes_nothing_in_the_data_directory(mosquitto: Broker
         (agent_data, ["agent", "run", "--broker", mosquitto.url, "--fleet", FLEET, "--node-id", "n2",
                       "--data", agent_data, "--hub-key", key])]
     for directory, command in runs:
-        holder = subprocess.Popen([sys.executable, "-c", "import sys; from agent.startup import DataLock; "
+        holder = subprocess.Popen([sys.executable, "-c", "import sys; from agent.runtime.startup import DataLock; "
                                    f"lock = DataLock.acquire({str(directory)!r}); print('held', flush=True); "
                                    "sys.stdin.read()"],  # held until killed: nobody writes its stdin
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,

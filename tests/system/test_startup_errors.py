@@ -4,21 +4,15 @@ written end the agent and the hub with one line naming the setting (exit 1), no 
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import nacl.signing
 import pytest
 
 from tests.brokers import free_port
+from tests.cli import fleetflow
 
-FLEETFLOW = str(Path(sys.executable).parent / "fleetflow")
 HUB_KEY = bytes(nacl.signing.SigningKey(b"\x01" * 32).verify_key).hex()
-
-
-def fleetflow(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    # Bounded: a process that retried instead of exiting would be killed here and fail the test.
-    return subprocess.run([FLEETFLOW, *map(str, args)], capture_output=True, text=True, timeout=60)
 
 
 def agent(broker: str, data: Path) -> subprocess.CompletedProcess[str]:

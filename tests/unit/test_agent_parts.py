@@ -15,7 +15,7 @@ from agent.config import ConfigError, load_config
 from agent.executors import ExecutorPolicy, StepContext, StepFailed, build_executors, run_sleep
 from agent.identity import Identity, IdentityError
 from agent.outbox import Outbox, RunningAttempt
-from agent.profiles import ProfileError, load_profile
+from agent.runtime.profiles import ProfileError, load_profile
 from agent.runner import Runner
 from protocols import Assign, AttemptRef
 

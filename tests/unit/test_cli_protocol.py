@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import json
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from tests.cli import fleetflow
 
 ROOT = Path(__file__).resolve().parents[2]
 VECTORS = {v["name"]: v for v in json.loads((ROOT / "protocols/vectors/envelopes.json").read_text())}
-
-
-def fleetflow(*args: str) -> subprocess.CompletedProcess[str]:
-    exe = Path(sys.executable).parent / "fleetflow"
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=60)
 
 
 def test_version() -> None:

@@ -8,9 +8,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ import pytest
 from hub.registry import EnrollPolicy, KeyMismatch, Registry, RegistryError, fingerprint, token_fingerprint
 from protocols import Ack, Enroll, kid_for
 from protocols.enrollment import check_enroll_proof, enroll_proof
+from tests.cli import fleetflow
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "a-long-random-enroll-token-0123456789"
@@ -188,7 +186,7 @@ def test_hub_drops_the_oldest_pending_request_counts_and_logs_it(make_hub: Any, 
 
 
 def test_hub_accept_names_the_reviewed_key(make_hub: Any, caplog: Any) -> None:
-    from hub.service import OperatorError
+    from hub.errors import OperatorError
 
     caplog.set_level(logging.INFO, "fleetflow.hub")
     hub = make_hub()
@@ -207,11 +205,6 @@ def test_hub_accept_names_the_reviewed_key(make_hub: Any, caplog: Any) -> None:
 
 
 # -- secrets stay off the command line -----------------------------------------------------------------------------
-
-def fleetflow(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    exe = Path(sys.executable).parent / "fleetflow"
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("FLEETFLOW_")}
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=60, env={**clean, **(env or {})})
 
 
 @pytest.mark.parametrize("args, says", [

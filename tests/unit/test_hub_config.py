@@ -5,29 +5,21 @@ accepts."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from hub.config import ConfigError, HubSettings, load_hub_settings
+from tests.cli import FLEETFLOW, fleetflow
 
 ROOT = Path(__file__).resolve().parents[2]
 INSTALL = ROOT / "hub" / "install"
-FLEETFLOW = str(Path(sys.executable).parent / "fleetflow")
 REQUIRED = 'broker = "mqtt://127.0.0.1:1"\nfleet = "plant-1"\ndata = "/tmp/fleetflow-hub-test"\n'
 TOKEN = "a-long-random-enroll-token-0123456789"
-
-
-def fleetflow(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    # The test's own FLEETFLOW_* variables must not leak into the command under test.
-    base = {k: v for k, v in os.environ.items() if not k.startswith("FLEETFLOW_")}
-    return subprocess.run([FLEETFLOW, *args], capture_output=True, text=True, timeout=60, env={**base, **(env or {})})
 
 
 def write(path: Path, text: str) -> Path:
@@ -185,3 +177,16 @@ def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
     unit.write_text((INSTALL / "fleetflow-hub.service").read_text().replace("/usr/local/bin/fleetflow", FLEETFLOW))
     out = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stderr.strip() == "", out.stderr
+
+
+def test_the_keepalive_setting_reaches_every_broker_session_of_the_hub(tmp_path: Path) -> None:
+    from hub.health import Policy
+
+    file = write(tmp_path / "hub.toml", REQUIRED + "keepalive = 12\n")
+    assert load_hub_settings({}, file, {}).hub_config(Policy()).broker_settings().keepalive == 12
+    assert load_hub_settings({"keepalive": 7}, file, {"FLEETFLOW_KEEPALIVE": "9"}).hub_config(
+        Policy()).broker_settings().keepalive == 7
+    assert load_hub_settings({}, write(tmp_path / "min.toml", REQUIRED), {}).hub_config(
+        Policy()).broker_settings().keepalive == 30  # the agent's default too
+    with pytest.raises(ConfigError, match=r"keepalive \(from environment\): must be a positive integer"):
+        load_hub_settings({}, file, {"FLEETFLOW_KEEPALIVE": "0"})

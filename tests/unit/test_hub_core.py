@@ -5,15 +5,17 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import cbor2
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from hub.events import (Event, NodeBorn, NodeDied, NodeFailed, ResultReported, RunCancelRequested,
-                        RunSubmitted, StepReported)
+from hub.events import (Event, NodeBorn, NodeDied, NodeFailed, ResultReported, RunCancelRequested, RunSubmitted,
+                        StepReported)
 from hub.state import ATTEMPT_LIVE, RUN_TERMINAL, STEP_TERMINAL, Core, SendAssign, SendCancel
 from hub.workflow import workflow_from_data
+from protocols import AttemptRef
 
 CAPS = ("noop", "echo", "sleep", "fail", "gpio")
 
@@ -55,7 +57,7 @@ class Driver:
     silent: set[str] = set()
 
     def node(self, node_id: str, boot: int = 1, labels: dict[str, str] | None = None, slots: int = 2,
-             running: tuple[tuple[str, str, str, int], ...] = ()) -> list[Any]:
+             running: tuple[AttemptRef, ...] = ()) -> list[Any]:
         return self.feed(NodeBorn(self.now, node_id, boot, "container", labels or {}, CAPS, slots,
                                   {"cores": 4, "memory_mb": 4096}, running, 1.0))
 
@@ -144,8 +146,8 @@ def test_node_failure_moves_migratable_step_and_rejects_its_late_result(d: Drive
     d.feed(ResultReported(d.now, first.node, first.attempt, first.fence, True, {}, None))  # late, stale
     assert d.core.counters.stale_reports == 1 and d.core.runs["r1"].state == "running"
     # the returning node lists the stale attempt in its birth: it is told to cancel it
-    commands = d.node(first.node, boot=2, running=((first.run, first.step, first.attempt, first.fence),))
-    assert commands == [SendCancel(first.node, ((first.run, first.step, first.attempt, first.fence),),
+    commands = d.node(first.node, boot=2, running=(AttemptRef(first.run, first.step, first.attempt, first.fence),))
+    assert commands == [SendCancel(first.node, (AttemptRef(first.run, first.step, first.attempt, first.fence),),
                                    "stale attempt: the hub moved this step")]
     d.finish(second)
     assert d.core.runs["r1"].state == "succeeded"
@@ -183,7 +185,7 @@ def test_unanswered_assignment_is_placed_again_after_a_backoff_without_using_a_r
     d.submit("r1", spec({"id": "a", "uses": "echo", "retry": {"max_attempts": 1, "initial": 2, "jitter": 0}}))
     (first,) = d.tick()
     lost = d.tick(10_100)
-    assert SendCancel("n1", ((first.run, first.step, first.attempt, first.fence),),
+    assert SendCancel("n1", (AttemptRef(first.run, first.step, first.attempt, first.fence),),
                       "the node did not answer the assignment") in lost
     assert not [c for c in lost if isinstance(c, SendAssign)]  # backs off by the retry delay (2 s) first
     step = d.core.runs["r1"].steps["a"]
@@ -205,6 +207,69 @@ def test_cancel_force_fail_and_deadline(d: Driver) -> None:
     assert d.core.runs["r2"].state == "failed"
     d.tick(1_000)
     assert d.core.runs["r3"].state == "timed_out"
+
+
+def test_a_result_from_a_node_that_is_not_the_assignee_is_refused(d: Driver) -> None:
+    from hub.health import Breaker, Policy
+
+    d.core.policy = Policy(breaker=Breaker(failures=1, window=60, cooldown=5, successes=1))
+    d.node("n1")
+    d.node("n2")
+    d.submit("r1", spec({"id": "a", "uses": "echo", "retry": {"max_attempts": 1}}))
+    (cmd,) = d.tick()
+    other = "n2" if cmd.node == "n1" else "n1"
+    # the right attempt id and fence, from the wrong node: a success would finish the step, a failure the run
+    d.feed(StepReported(d.now, other, cmd.attempt, cmd.fence, "started"))
+    d.feed(ResultReported(d.now, other, cmd.attempt, cmd.fence, True, {"forged": True}, None))
+    d.feed(ResultReported(d.now, other, cmd.attempt, cmd.fence, False, {}, "forged failure"))
+    step = d.core.runs["r1"].steps["a"]
+    assert (d.core.attempts[cmd.attempt].state, step.state, step.output) == ("assigned", "placed", None)
+    assert d.core.counters.stale_reports == 3
+    assert d.core.nodes[other].failures == [] and d.core.nodes[cmd.node].failures == []  # no breaker counts it
+    d.tick()
+    assert d.core.nodes[other].breaker == "closed"
+    d.finish(cmd, output={"v": 1})
+    assert d.core.runs["r1"].state == "succeeded" and step.output == {"v": 1}
+
+
+def test_a_silent_step_is_timed_out_by_the_hub_and_retried_long_before_the_run_deadline(d: Driver) -> None:
+    from hub.service import DEFAULT_RUN_DEADLINE_S
+    from hub.state import TIMEOUT_GRACE_MS
+
+    d.node("n1")
+    # the defaults: the step's timeout (300 s) and the deadline a run without a timeout gets (24 h)
+    d.submit("r1", spec({"id": "a", "uses": "sleep", "retry": {"max_attempts": 2, "initial": 1, "jitter": 0}}),
+             deadline=d.now + DEFAULT_RUN_DEADLINE_S * 1000)
+    step = d.core.runs["r1"].steps["a"]
+    gives_up_ms = int(step.spec.timeout * 1000) + TIMEOUT_GRACE_MS
+    assert gives_up_ms < DEFAULT_RUN_DEADLINE_S * 1000 // 100
+    (first,) = d.tick()
+    d.feed(StepReported(d.now, "n1", first.attempt, first.fence, "started"))
+    # the node stays online (its heartbeats go on) but never reports a result for the step
+    assert d.tick(gives_up_ms) == [] and d.core.attempts[first.attempt].state == "running"
+    lost = d.tick(100)
+    ref = AttemptRef(first.run, first.step, first.attempt, first.fence)
+    assert lost == [SendCancel("n1", (ref,), "timed out after 300 s (no result)")]
+    assert (d.core.attempts[first.attempt].state, step.state, step.failures) == ("lost", "queued", 1)
+    (again,) = d.tick(1_000)  # the retry, after the policy's 1 s delay
+    assert again.step == "a" and again.fence > first.fence
+    d.finish(again)
+    assert d.core.runs["r1"].state == "succeeded"
+
+
+def test_a_nodes_own_cancelled_requeues_the_step_without_counting_a_failure(d: Driver) -> None:
+    d.node("n1")
+    d.submit("r1", spec({"id": "a", "uses": "sleep", "retry": {"max_attempts": 1}}))
+    (first,) = d.tick()
+    d.feed(StepReported(d.now, "n1", first.attempt, first.fence, "started"))
+    d.feed(StepReported(d.now, "n1", first.attempt, first.fence, "cancelled", "agent shutting down"))
+    step = d.core.runs["r1"].steps["a"]
+    assert (d.core.attempts[first.attempt].state, step.state, step.failures) == ("cancelled", "queued", 0)
+    assert d.core.runs["r1"].state == "running"  # with max_attempts 1, a counted failure would have failed it
+    (again,) = d.tick()
+    assert again.step == "a" and again.fence > first.fence
+    d.finish(again)
+    assert d.core.runs["r1"].state == "succeeded"
 
 
 def test_for_each_fans_out_per_matching_node(d: Driver) -> None:
@@ -299,11 +364,16 @@ class CoreMachine(RuleBasedStateMachine):
     def cancel(self, run: int, force: bool) -> None:
         self.d.feed(RunCancelRequested(self.d.now, f"r{run}", "test", force))
 
-    @rule()
-    def restart(self) -> None:
-        """The hub restarts: state is rebuilt from the journal alone and must be the same."""
+    @rule(snapshot=st.booleans())
+    def restart(self, snapshot: bool) -> None:
+        """The hub restarts: state is rebuilt from the journal alone, or from a snapshot of it, and must be the same."""
         rebuilt = Core().fold(copy.deepcopy(self.d.journal))
         assert summary(rebuilt) == summary(self.d.core)
+        if snapshot:
+            stored = cbor2.dumps(self.d.core.to_snapshot())  # as the journal stores it
+            rebuilt = Core.from_snapshot(cbor2.loads(stored))
+            assert summary(rebuilt) == summary(self.d.core)
+            assert rebuilt.to_snapshot() == self.d.core.to_snapshot()
         rebuilt.after_load(self.d.now)
         self.d.core = rebuilt
         self.d.silent = set()
@@ -346,9 +416,9 @@ TestCoreMachine.settings = settings(max_examples=150, stateful_step_count=40, de
 
 
 def test_old_finished_runs_shrink_to_summaries(d: Driver, monkeypatch: pytest.MonkeyPatch) -> None:
-    import hub.state
+    import hub.runs
 
-    monkeypatch.setattr(hub.state, "RETAIN_FINISHED", 2)
+    monkeypatch.setattr(hub.runs, "RETAIN_FINISHED", 2)
     d.node("n1", slots=8)
     for i in range(4):
         d.submit(f"r{i}", spec({"id": "a", "uses": "echo"}))
@@ -374,7 +444,7 @@ def test_migrate_moves_only_migratable_attempts_within_limits(d: Driver) -> None
     d.node("cool", slots=4)
     d.feed(ActionTaken(d.now, "hot", "throttle", "test"))
     commands = d.feed(ActionTaken(d.now, "hot", "migrate", "temp 95 over 85 for 1 s"))
-    assert commands == [SendCancel("hot", (("r1", "m", first["m"].attempt, first["m"].fence),),
+    assert commands == [SendCancel("hot", (AttemptRef("r1", "m", first["m"].attempt, first["m"].fence),),
                                    "migrated off hot: temp 95 over 85 for 1 s")]
     (moved,) = [c for c in d.tick() if isinstance(c, SendAssign)]
     assert moved.step == "m" and moved.node == "cool" and moved.fence > first["m"].fence
@@ -408,6 +478,19 @@ def test_breaker_opens_half_opens_and_closes(d: Driver) -> None:
                                                                                             "closed"]
 
 
+def test_a_breaker_opened_by_the_adaptation_loop_half_opens_after_its_cooldown(d: Driver) -> None:
+    from hub.events import ActionTaken
+    from hub.health import Breaker, Policy
+
+    d.core.policy = Policy(breaker=Breaker(failures=2, window=60, cooldown=5, successes=1))
+    d.node("n1", slots=4)
+    d.feed(ActionTaken(d.now, "n1", "circuit_break", "temp 95 over 85"))
+    assert d.core.nodes["n1"].breaker == "open"
+    d.submit("ok", spec({"id": "a", "uses": "echo"}))
+    probes = [c for c in d.tick(5_500) if isinstance(c, SendAssign)]
+    assert d.core.nodes["n1"].breaker == "half_open" and len(probes) == 1  # not open for ever
+
+
 def test_overload_slows_the_fleets_telemetry_and_recovery_restores_it(d: Driver) -> None:
     from hub.events import HubLoadChanged
     from hub.state import SendConfig
@@ -417,3 +500,101 @@ def test_overload_slows_the_fleets_telemetry_and_recovery_restores_it(d: Driver)
     slow = d.feed(HubLoadChanged(d.now, True, "event-loop lag"))
     assert slow == [SendConfig("n1", 40.0), SendConfig("n2", 40.0)] and d.core.overloaded
     assert d.feed(HubLoadChanged(d.now, False, "ok")) == [SendConfig("n1", 10.0), SendConfig("n2", 10.0)]
+
+
+# -- transitions, attempt references, plain-string states ------------------------------------------------------------
+
+def test_an_operator_may_remove_a_node_that_shut_down(d: Driver) -> None:
+    from hub.events import NodeRemoved
+
+    d.node("n1")
+    d.feed(NodeDied(d.now, "n1", 1, "shutdown"))
+    assert d.core.nodes["n1"].state == "offline"
+    d.feed(NodeRemoved(d.now, "n1", "revoked by an operator"))  # once raised IllegalTransition: offline -> failed
+    assert (d.core.nodes["n1"].state, d.core.nodes["n1"].removed) == ("failed", True)
+    d.feed(NodeRemoved(d.now, "n1", "deleted by an operator", forget=True))
+    assert "n1" not in d.core.nodes
+    assert summary(Core().fold(d.journal)) == summary(d.core)  # and the journal replays
+
+
+def test_a_refusal_out_of_order_changes_nothing(d: Driver) -> None:
+    d.node("n1")
+    d.submit("r1", spec({"id": "a", "uses": "sleep"}))
+    (cmd,) = d.tick()
+    d.feed(StepReported(d.now, "n1", cmd.attempt, cmd.fence, "started"))
+    d.feed(StepReported(d.now, "n1", cmd.attempt, cmd.fence, "refused", "busy"))  # once raised: running -> refused
+    assert d.core.attempts[cmd.attempt].state == "running" and d.core.counters.refusals == 0
+    d.finish(cmd)
+    assert d.core.runs["r1"].state == "succeeded"
+
+
+def test_tables_never_leave_a_terminal_state_and_refuse_what_they_do_not_hold() -> None:
+    from hub.runs import Attempt
+    from hub.transitions import ATTEMPT, RUN, STEP, AttemptTrigger, IllegalTransition, RunTrigger
+
+    assert not [key for key in RUN.table if key[0] in RUN_TERMINAL]
+    assert not [key for key in STEP.table if key[0] in STEP_TERMINAL]
+    assert {state for state, _ in ATTEMPT.table} == ATTEMPT_LIVE
+    attempt = Attempt("a1", "r1", "s1", 1, "n1")
+    ATTEMPT.move(attempt, AttemptTrigger.STARTED)
+    with pytest.raises(IllegalTransition, match="attempt a1: refused is not allowed in state running"):
+        ATTEMPT.move(attempt, AttemptTrigger.REFUSED)
+    assert attempt.state == "running"
+    d = Driver()
+    d.node("n1")
+    d.submit("r1", spec({"id": "a", "uses": "echo"}))
+    run = d.core.runs["r1"]
+    d.feed(RunCancelRequested(d.now, "r1", "operator"))
+    with pytest.raises(IllegalTransition):
+        RUN.move(run, RunTrigger.STEPS_SETTLED)
+
+
+def test_births_name_attempts_as_attempt_refs_in_new_and_old_journals() -> None:
+    from hub.events import from_record, to_record
+
+    ref = AttemptRef("r1", "a", "a7", 7)
+    born = NodeBorn(5, "n1", 2, "rpi4", {}, ("echo",), 1, {}, (ref,), 1.0)
+    kind, data = to_record(born)
+    assert data["running"] == [{"run": "r1", "step": "a", "attempt": "a7", "fence": 7}]
+    assert from_record(kind, cbor2.loads(cbor2.dumps(data))) == born
+    old = {**data, "running": [["r1", "a", "a7", 7]], "caps": ["echo"]}  # as journals before AttemptRef hold it
+    assert from_record(kind, cbor2.loads(cbor2.dumps(old))) == born
+
+
+def test_states_leave_the_hub_as_plain_strings(d: Driver) -> None:
+    import json
+
+    from fastapi.encoders import jsonable_encoder
+
+    from hub.api import run_detail
+
+    d.node("n1")
+    d.submit("r1", spec({"id": "a", "uses": "echo"}))
+    for cmd in d.tick():
+        d.finish(cmd)
+    detail = jsonable_encoder(run_detail(d.core, d.core.runs["r1"], d.now))
+    assert type(detail["state"]) is str and type(detail["steps"][0]["attempts"][0]["state"]) is str
+    text = json.dumps(run_detail(d.core, d.core.runs["r1"], d.now))
+    assert '"state": "succeeded"' in text and "RunState" not in text
+    assert cbor2.loads(cbor2.dumps({"liveness": d.core.nodes["n1"].state})) == {"liveness": "online"}
+
+
+def test_cancelling_a_run_stops_every_open_step_through_the_table(d: Driver) -> None:
+    d.node("g1", labels={"class": "gw"})
+    d.submit("r1", spec({"id": "up", "uses": "sleep", "for_each": {"labels": {"class": "gw"}}},
+                        {"id": "after", "uses": "echo", "needs": ["up"]},
+                        {"id": "nowhere", "uses": "echo", "placement": {"selector": {"labels": {"site": "none"}}}}))
+    (instance,) = d.tick()
+    steps = d.core.runs["r1"].steps
+    assert [steps[s].state for s in ("up", "up.g1", "after", "nowhere")] == ["running", "placed", "pending", "queued"]
+    commands = d.feed(RunCancelRequested(d.now, "r1", "operator"))
+    assert commands == [SendCancel("g1", (AttemptRef("r1", "up.g1", instance.attempt, instance.fence),), "operator")]
+    assert {s.state for s in steps.values()} == {"cancelled"} and not d.core.queue
+
+
+def test_the_compiled_workflow_cache_is_bounded() -> None:
+    from hub import runs
+
+    for i in range(runs.WORKFLOW_CACHE + 50):
+        runs.compile_workflow(spec({"id": f"s{i}", "uses": "echo"}))
+    assert len(runs._WORKFLOWS) == runs.WORKFLOW_CACHE

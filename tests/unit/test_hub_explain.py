@@ -174,3 +174,35 @@ def test_about_to_be_placed_exactly_when_the_scheduler_places_it(nodes: list[dic
     placed = any(isinstance(e, AttemptAssigned) for e in place(core, NOW))
     assert text.startswith("about to be placed") == placed, text
     assert not text.startswith("no node that could take it can now") or "can take it at the next" not in text
+
+
+def test_the_api_explains_with_the_hubs_clock_not_the_wall_clock(tmp_path: Any) -> None:
+    """A hub on a virtual clock (sim/dst.py) answers `GET /runs/{id}` in its own time: an executor no node offers
+    fails after the 30 s grace, counted from the hub's now."""
+    import asyncio
+
+    import httpx
+
+    from agent.runtime.memory import MemoryBroker, MemoryTransport
+    from hub.api import create_app
+    from hub.service import Hub, HubConfig
+
+    async def scenario() -> dict[str, Any]:
+        transport = MemoryTransport(MemoryBroker(), "hub")
+        hub = Hub(HubConfig(broker="mqtt://memory.invalid", fleet="t", data=tmp_path / "hub"), transport=transport,
+                  clock=lambda: NOW)
+        transport.incoming = lambda maxsize=0: hub.intake
+        running = asyncio.create_task(hub.run(api=False, first_connection_required=False))
+        try:
+            workflow = workflow_from_data({"name": "t", "steps": [{"id": "a", "uses": "teleport"}]})
+            run_id, _ = await asyncio.wait_for(hub.submit(workflow, {}, None), 30)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(create_app(hub)), base_url="http://hub",
+                                         headers={"Authorization": f"Bearer {hub.token}"}) as client:
+                response = await asyncio.wait_for(client.get(f"/runs/{run_id}"), 30)
+            return response.json()  # type: ignore[no-any-return]
+        finally:
+            hub.stop()
+            await asyncio.gather(running, return_exceptions=True)
+
+    (step,) = asyncio.run(scenario())["steps"]
+    assert step["waiting"].endswith("; it fails in 30.0 s unless a node that can take it joins"), step["waiting"]

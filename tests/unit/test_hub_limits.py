@@ -15,8 +15,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from nacl.signing import SigningKey
 
-from agent.keys import KeyFileError
+from agent.runtime.clock import now_ms
+from agent.runtime.keys import KeyFileError
 from hub.api import SubmitRun, create_app, parse_submission
 from hub.limits import Limits
 from hub.service import Hub
@@ -160,10 +162,10 @@ def test_validate_command_uses_the_bounded_loader(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def api() -> Iterator[httpx.AsyncClient]:
-    hub = types.SimpleNamespace(config=types.SimpleNamespace(limits=Limits(request_bytes=1000)),
-                                check_token=lambda token: token == "secret")
-    app = create_app(hub)  # type: ignore[arg-type]  # the routes used here read only these two
+def api(tmp_path: Path) -> Iterator[httpx.AsyncClient]:
+    hub = types.SimpleNamespace(config=types.SimpleNamespace(limits=Limits(request_bytes=1000), data=tmp_path),
+                                check_token=lambda token: token == "secret", key=SigningKey.generate(), clock=now_ms)
+    app = create_app(hub)  # type: ignore[arg-type]  # the routes used here read only these (and audit with the key)
     yield httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://hub",
                             headers={"Authorization": "Bearer secret"})
 
@@ -187,7 +189,7 @@ def test_request_bodies_are_bounded_with_and_without_content_length(api: httpx.A
                                         "(--max-request-bytes)")
 
 
-def test_a_submission_is_parsed_off_the_event_loop() -> None:
+def test_a_submission_is_parsed_off_the_event_loop(tmp_path: Path) -> None:
     # 1,000 steps with conditions: valid, and half a second of parsing and validation.
     steps = ["  - {id: s0, uses: echo}"] + [
         f"  - {{id: s{i}, uses: echo, needs: [s{i - 1}], when: \"steps.s{i - 1}.state == 'succeeded'\", "
@@ -199,8 +201,8 @@ def test_a_submission_is_parsed_off_the_event_loop() -> None:
         submitted.append(workflow)
         return "r-1", True
 
-    hub = types.SimpleNamespace(config=types.SimpleNamespace(limits=Limits()), check_token=lambda t: t == "s",
-                                submit=submit)
+    hub = types.SimpleNamespace(config=types.SimpleNamespace(limits=Limits(), data=tmp_path),
+                                check_token=lambda t: t == "s", submit=submit, key=SigningKey.generate(), clock=now_ms)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(create_app(hub)),  # type: ignore[arg-type]
                                base_url="http://hub", headers={"Authorization": "Bearer s"})
 

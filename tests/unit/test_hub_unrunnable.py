@@ -12,7 +12,8 @@ import pytest
 
 from hub.events import AttemptLost, NodeBorn, NodeDied, StepReported, StepUnrunnable, from_record, to_record
 from hub.health import Policy
-from hub.service import Hub, HubConfig, OperatorError
+from hub.errors import OperatorError
+from hub.service import Hub, HubConfig
 from hub.state import Core, SendAssign
 from hub.workflow import workflow_from_data
 from tests.unit.test_hub_core import Driver, spec, summary

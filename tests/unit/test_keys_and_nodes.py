@@ -10,7 +10,6 @@ import logging
 import os
 import stat
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import pytest
 
 from agent.config import AgentConfig
 from agent.node import Agent
-from agent.telemetry import now_ms
+from agent.runtime.clock import now_ms
 from hub.events import NodeBorn
 from hub.keys import (ApiTokens, HubKeys, RotationError, parse_duration, read_rotation, rotate_token,
                       start_key_rotation)
@@ -28,6 +27,7 @@ from hub.registry import EnrollPolicy, KeyTaken, Registry, fingerprint, matches,
 from protocols import (HUB_ID, Ack, HubState, Keyring, Malformed, Receiver, ReplayWindow, Replayed, Signer, UnknownKey,
                        WrongSender, kid_for)
 from protocols.messages import body_from_map
+from tests.cli import fleetflow
 
 FLEET = "f"
 NOW = 1_763_900_000_000
@@ -158,7 +158,7 @@ def test_the_same_key_added_back_keeps_its_replay_window(make_hub: Any) -> None:
 
 
 def test_delete_is_refused_while_online_and_then_forgets_the_node(make_hub: Any) -> None:
-    from hub.service import OperatorError
+    from hub.errors import OperatorError
 
     hub = make_hub()
 
@@ -399,11 +399,6 @@ def test_a_hub_state_opens_only_with_a_hub_key_of_the_keyring() -> None:
 
 
 # -- the CLI: usage errors and refusals change nothing -----------------------------------------------------------
-
-def fleetflow(*args: str) -> subprocess.CompletedProcess[str]:
-    exe = Path(sys.executable).parent / "fleetflow"
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("FLEETFLOW_")}
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=60, env=clean)
 
 
 def one_line_error(out: subprocess.CompletedProcess[str], code: int, says: str) -> None:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hub.sparkplug import sparkplug_b_pb2 as pb
 from hub.sparkplug.bridge import BdSeqFile
 from hub.sparkplug.edge import (BD_SEQ, BORN, CLOSING, DEVICE_METRICS, NODE_METRICS, OFFLINE, REBIRTH, WAITING,
-                                DeviceView, DrainRequest, EdgeConfig, EdgeNode, LocalProtocolError, Output, Publish,
+                                DeviceView, DrainRequest, EdgeConfig, EdgeNode, EdgeNodeMisuse, Output, Publish,
                                 next_bd_seq)
 from hub.sparkplug.settings import DEFAULT_DEADBAND
 
@@ -236,8 +236,20 @@ def test_a_stopping_edge_node_publishes_its_ndeath() -> None:
     assert node.closing(NOW) == Output()
     # Offline, nothing goes out (births will carry the change); a birth asked for there is a bug of ours.
     assert node.update_device(view("a", cpu=90.0), NOW) == Output()
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(EdgeNodeMisuse):
         node._births(NOW)
+
+
+def test_the_edge_nodes_misuse_error_is_no_protocol_error_and_shares_the_one_root() -> None:
+    import hub.sparkplug.edge as edge
+    import protocols
+    from hub.transitions import IllegalTransition
+
+    # Bugs of ours, both: one error root (FleetflowError), and neither mistaken for the wire protocol's own errors.
+    for bug in (EdgeNodeMisuse, IllegalTransition):
+        assert issubclass(bug, protocols.FleetflowError) and issubclass(bug, RuntimeError)
+        assert not issubclass(bug, protocols.ProtocolError)
+    assert not hasattr(edge, "LocalProtocolError")
 
 
 def test_bdseq_starts_at_zero_and_wraps(tmp_path: Path) -> None:

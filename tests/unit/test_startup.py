@@ -1,4 +1,4 @@
-"""Start-up checks (agent/startup.py) and the root command's handling of missing extras (agent/extras.py)."""
+"""Start-up checks (agent/runtime/startup.py) and the root command's handling of missing extras (agent/extras.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from agent.extras import OPTIONAL_COMMANDS, PACKAGES, RootGroup, needs_extra_message
-from agent.startup import LOCK_FILE, DataLock, StartupError, broker_unreachable
-from agent.transport import TransportError
+from agent.extras import OPTIONAL_COMMANDS, PACKAGES, REGISTRARS, RootGroup, needs_extra_message
+from agent.runtime.startup import LOCK_FILE, DataLock, StartupError, broker_unreachable
+from agent.runtime.transport import TransportError
 
 
 def test_one_lock_per_data_directory_naming_the_holder(tmp_path: Path) -> None:
@@ -42,7 +42,7 @@ def test_deleting_the_lock_file_does_not_let_a_second_process_in(tmp_path: Path)
 
 def test_a_lock_dies_with_its_process(tmp_path: Path) -> None:
     # The holder keeps the lock until it is killed: it blocks reading its stdin, which nobody writes.
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from agent.startup import DataLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from agent.runtime.startup import DataLock; "
                                f"lock = DataLock.acquire({str(tmp_path)!r}); print('held', flush=True); sys.stdin.read()"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                               cwd=Path(__file__).resolve().parents[2])
@@ -75,26 +75,18 @@ def test_the_first_connection_error_names_the_setting() -> None:
 
 
 def test_the_optional_command_table_matches_what_the_packages_register() -> None:
-    import importlib
-
     for package in PACKAGES:
         holder = typer.Typer()
-        importlib.import_module(f"{package}.commands").register(holder)
+        REGISTRARS[package](holder)
         registered = set(typer.main.get_group(holder).commands)
         assert registered == {name for name, (owner, _) in OPTIONAL_COMMANDS.items() if owner == package}
 
 
 def test_a_missing_extra_is_named_and_the_command_still_listed(monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib
+    def without_hub(app: typer.Typer) -> None:  # what importing hub.commands does where PyYAML is missing
+        raise ModuleNotFoundError("No module named 'yaml'", name="yaml")
 
-    real = importlib.import_module
-
-    def without_hub(name: str, package: str | None = None) -> object:
-        if name == "hub.commands":
-            raise ModuleNotFoundError("No module named 'yaml'", name="yaml")
-        return real(name, package)
-
-    monkeypatch.setattr(importlib, "import_module", without_hub)
+    monkeypatch.setitem(REGISTRARS, "hub", without_hub)
     app = typer.Typer(cls=RootGroup)
     app.callback()(lambda: None)  # a group, as the root command is
     result = CliRunner().invoke(app, ["hub", "run", "--broker", "x"])

@@ -5,25 +5,17 @@ complete example in docs/workflows.md valid."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from hub.validate import inventory_targets, validate
+from tests.cli import fleetflow
 
 ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "workflows.md"
-FLEETFLOW = str(Path(sys.executable).parent / "fleetflow")
-
-
-def fleetflow(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETFLOW_")}
-    return subprocess.run([FLEETFLOW, *args], capture_output=True, text=True, timeout=60, env=env)
 
 
 def blocks(kind: str) -> list[tuple[int, str]]:

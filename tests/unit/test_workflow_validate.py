@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,13 +10,9 @@ import pytest
 from hub.conditions import ConditionError, parse_condition
 from hub.validate import validate
 from hub.workflow import WorkflowError, load_workflow_text
+from tests.cli import fleetflow
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def fleetflow(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(Path(sys.executable).parent / "fleetflow"), *args], capture_output=True, text=True,
-                          timeout=60)
 
 
 @pytest.mark.parametrize("text, where, says", [

@@ -16,10 +16,12 @@ import re
 import weakref
 from pathlib import Path
 
+from protocols import FleetflowError
+
 LOCK_FILE = "lock"
 
 
-class StartupError(Exception):
+class StartupError(FleetflowError):
     """The process cannot start with these settings; the message names the setting and what is wrong (exit 1)."""
 
 

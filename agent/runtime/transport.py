@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 import aiomqtt
 
+from protocols import FleetflowError
+
 
 OPERATION_TIMEOUT_S = 10.0
 
@@ -32,7 +34,7 @@ def session_client_id(name: str) -> str:
     return f"{name[:40]}-{secrets.token_hex(8)}"
 
 
-class TransportError(Exception):
+class TransportError(FleetflowError):
     """The connection failed or was lost; the caller reconnects with backoff."""
 
 

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import stat
 from pathlib import Path
 
 import nacl.signing
 
-from protocols import kid_for
+from protocols import FleetflowError, kid_for
+
+from .storage import write_private
 
 
-class KeyFileError(Exception):
+class KeyFileError(FleetflowError):
     """A key file is missing, unreadable, malformed, or readable by others."""
 
 
@@ -22,15 +23,7 @@ def write_new_key(path: Path, force: bool = False) -> nacl.signing.SigningKey:
         raise KeyFileError(f"{path} already exists (use --force to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     key = nacl.signing.SigningKey.generate()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, bytes(key).hex().encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    write_private(path, bytes(key).hex().encode() + b"\n")
     public_path(path).write_text(bytes(key.verify_key).hex() + "\n")
     return key
 

@@ -1,32 +1,26 @@
-"""A test double of the hub, built on protocols/: it verifies what agents send and sends signed commands.
-
-It accepts enrollments, acknowledges events and results (both switchable), publishes its retained state, and keeps
-every verified message and every refusal so tests can wait for them. Also: helpers to run real agent processes.
+"""The hub's side of the protocol, alone, for benchmarks that measure the agent without the hub's own costs
+(dispatch.py, agent.py): it verifies what agents send, accepts enrollments, acknowledges events and results (both
+switchable), publishes its retained state, sends signed commands, and keeps every verified message and refusal.
+Tests run the real hub instead (tests/hubprocess.py, tests/memoryfleet.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiomqtt
 import nacl.signing
 
-from agent.telemetry import now_ms
+from agent.runtime.clock import now_ms
 from protocols import (HUB_ID, Ack, Body, HubState, Keyring, Message, ProtocolError, Receiver, Signer, StepEvent,
                        StepResult)
 from tests.brokers import HOST, Broker
-
 
 NO_DELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
@@ -155,56 +149,3 @@ class HubDouble:
     def events(self, node: str | None = None, event: str | None = None) -> list[StepEvent]:
         return [m.body for m in self.of("step", node)  # type: ignore[misc]
                 if event is None or m.body.event == event]  # type: ignore[attr-defined]
-
-
-@dataclass
-class AgentProcess:
-    """A real `fleetflow agent run` process."""
-
-    broker: Broker
-    fleet: str
-    node_id: str
-    data: Path
-    hub_key: str | None
-    args: tuple[str, ...] = ()
-    env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> AgentProcess:
-        exe = Path(sys.executable).parent / "fleetflow"
-        cmd = [str(exe), "agent", "run", "--broker", self.broker.url, "--fleet", self.fleet, "--node-id", self.node_id,
-               "--data", str(self.data), "--log-level", "debug", *self.args]
-        if self.hub_key:
-            cmd += ["--hub-key", self.hub_key]
-        self.data.mkdir(parents=True, exist_ok=True)
-        with open(self.data.parent / f"{self.node_id}.log", "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, **self.env}, start_new_session=True)
-        return self
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    async def wait_exit(self, timeout: float = 30.0) -> int:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"agent {self.node_id} still running after {timeout} s")
-            await asyncio.sleep(0.05)
-        return self.proc.returncode
-
-    def log(self) -> str:
-        path = self.data.parent / f"{self.node_id}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
