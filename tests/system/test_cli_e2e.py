@@ -59,6 +59,16 @@ steps:
 """
 
 
+NAP = """
+name: nap
+version: 1.0.0
+steps:
+  - id: nap
+    uses: sleep
+    with: {seconds: 2}
+"""
+
+
 def calm(directory: Path) -> tuple[str, str]:
     """Agent flags that report a calm machine, whatever this one's load: health changes are not what these tests
     are about, and an unhealthy node would take no work."""
@@ -207,7 +217,8 @@ def test_watch_redraws_on_change_and_ctrl_c_ends_it_with_exit_0(hub: HubProcess,
             proc.kill()
             proc.wait(timeout=10)
     # `run show -w` ends by itself once the run has ended; a JSON watch prints one document per change
-    shown = cli("run", "show", hub.submit(TWO), "-w", "-o", "json", "--watch-timeout", "30", *data(hub))
+    # (a step of 2 s: on a busy machine a quick run could end before the watch prints its first document)
+    shown = cli("run", "show", hub.submit(NAP), "-w", "-o", "json", "--watch-timeout", "30", *data(hub))
     documents = [json.loads(line) for line in shown.stdout.splitlines()]
     assert shown.returncode == 0 and documents[-1]["state"] == "succeeded" and len(documents) >= 2
     # a watch bounded by --watch-timeout ends with exit 0; heartbeats alone do not make it print again
