@@ -386,8 +386,13 @@ def test_timer_decisions_carry_their_time_and_reason() -> None:
 def test_a_step_timeout_is_checked_past_an_attempt_still_waiting_for_its_answer() -> None:
     d = Driver()
     d.node("n1", slots=4)
+    for i in range(8):  # attempt ids are "a<fence>": b1's will be a9, a1's a10, which sorts first
+        d.submit(f"quick{i}", spec({"id": "a", "uses": "echo"}))
+        (cmd,) = d.tick()
+        d.finish(cmd)
     d.submit("b1", SLEEP_10S)
     (late,) = d.tick()
+    assert late.attempt == "a9"
     d.feed(StepReported(d.now, "n1", late.attempt, late.fence, "started"))
     d.tick(GIVES_UP_MS - 1_000)
     d.submit("a1", SLEEP_10S)  # its attempt sorts first and is assigned, not yet answered, when b1's time is up
@@ -473,3 +478,61 @@ def test_a_run_keeps_what_it_was_submitted_with() -> None:
     run, second = d.core.runs["r1"], d.core.runs["r2"]
     assert (run.inputs, run.submitted_at, run.key, run.deadline) == ({"x": 1}, d.now, "k1", d.now + 60_000)
     assert run.seq < second.seq  # submission order: FIFO among equals
+
+
+def test_a_nodes_own_cancel_records_when_and_why() -> None:
+    d = Driver()
+    ref = placed(d)
+    d.tick(500)
+    d.feed(StepReported(d.now, "n1", ref.attempt, ref.fence, "cancelled", "agent shutting down"))
+    attempt = d.core.attempts[ref.attempt]
+    assert (attempt.state, attempt.ended_at, attempt.reason) == ("cancelled", d.now, "agent shutting down")
+
+
+def test_a_run_times_out_at_its_deadline_exactly() -> None:
+    d = Driver()
+    d.node("n1")
+    d.submit("r1", spec({"id": "a", "uses": "echo"}), deadline=d.now + 1_000)
+    d.tick(1_000)
+    assert d.core.runs["r1"].state == "timed_out"
+
+
+def test_a_failed_probe_reopens_the_breaker_and_a_forgotten_node_leaves_the_watch() -> None:
+    from hub.events import NodeRemoved
+    from hub.health import Breaker, Policy
+
+    d = Driver()
+    d.core.policy = Policy(breaker=Breaker(failures=1, window=60, cooldown=1, successes=1))
+    d.node("n1", slots=4)
+    d.submit("f1", spec({"id": "a", "uses": "fail", "retry": {"max_attempts": 1}}))
+    (cmd,) = d.tick()
+    d.finish(cmd, ok=False)
+    d.tick()
+    assert d.core.nodes["n1"].breaker == "open"
+    d.submit("f2", spec({"id": "a", "uses": "fail", "retry": {"max_attempts": 1}}))
+    (probe,) = d.tick(1_100)
+    assert d.core.nodes["n1"].breaker == "half_open"
+    d.finish(probe, ok=False)
+    d.tick()
+    assert d.core.nodes["n1"].breaker == "open"
+    d.feed(NodeRemoved(d.now, "n1", "deleted", forget=True))
+    d.tick(2_000)  # nothing is left to look up
+    assert "n1" not in d.core.nodes and "n1" not in d.core.breaker_watch
+
+
+def test_a_silent_node_is_suspected_at_the_time_of_the_scan() -> None:
+    d = Driver()
+    d.node("n1")
+    d.silent = {"n1"}
+    d.tick(2_500)
+    assert (d.core.nodes["n1"].state, d.core.nodes["n1"].changed_at) == ("suspected", d.now)
+
+
+def test_a_step_timeout_counts_from_the_start_not_the_assignment() -> None:
+    d = Driver()
+    ref = placed(d)
+    d.feed(StepReported(d.now, "n1", ref.attempt, ref.fence, "accepted"))
+    d.tick(5_000)
+    d.feed(StepReported(d.now, "n1", ref.attempt, ref.fence, "started"))
+    assert d.tick(GIVES_UP_MS - 100) == [] and d.core.attempts[ref.attempt].state == "running"
+    assert len(d.tick(200)) == 1

@@ -5,6 +5,7 @@ receiver's cheap screening, and the decoder profile in every thread."""
 from __future__ import annotations
 
 import threading
+import uuid
 from typing import Any
 
 import cbor2
@@ -327,3 +328,20 @@ def test_a_field_of_any_wrong_type_is_malformed_never_a_crash() -> None:
                     body_from_map(body.TYPE, {**wire, key: value})
                 except Malformed:
                     pass
+
+
+def test_receive_applies_the_receivers_size_limit_and_screening_lets_enroll_requests_through() -> None:
+    from protocols import Enroll
+    from protocols.topics import is_valid_id
+
+    node = Signer(keypair(1), "f", "n1", boot=1)
+    beat = node.seal(Heartbeat(), NOW)
+    receiver = Receiver("f", Keyring([("n1", bytes(keypair(1).verify_key))]), max_size=len(beat.payload) - 1)
+    with pytest.raises(TooLarge):
+        receiver.receive(beat.topic, beat.payload, NOW)
+    stranger = keypair(7)
+    enroll = Signer(stranger, "f", "n7", boot=1).seal(Enroll(bytes(stranger.verify_key), "rpi4"), NOW)
+    Receiver("f").screen(enroll.topic, enroll.payload)  # self-signed: no key to look up yet
+    assert not is_valid_id(5) and not is_valid_id(b"n1")
+    fresh = f"id-{uuid.uuid4().hex}"  # never seen by the id cache, in this process or the one it was forked from
+    assert is_valid_id(fresh) and is_valid_id(fresh)
