@@ -53,14 +53,7 @@ def read_private_text(path: str | Path, what: str = "key file") -> str:
 
 def load_key(path: Path) -> nacl.signing.SigningKey:
     path = Path(path)
-    text = read_private_text(path)
-    try:
-        seed = bytes.fromhex(text)
-    except ValueError:
-        raise KeyFileError(f"key file {path} does not hold hex") from None
-    if len(seed) != 32:
-        raise KeyFileError(f"key file {path} holds {len(seed)} bytes; an Ed25519 key has 32")
-    return nacl.signing.SigningKey(seed)
+    return nacl.signing.SigningKey(_key_bytes(read_private_text(path), f"key file {path}"))
 
 
 def parse_public_key(value: str) -> bytes:
@@ -74,12 +67,17 @@ def parse_public_key(value: str) -> bytes:
             text = candidate.read_text().strip()
         except OSError as exc:
             raise KeyFileError(f"cannot read public key file {value}: {exc.strerror}") from None
+    return _key_bytes(text, f"public key {value[:80]!r}")
+
+
+def _key_bytes(text: str, what: str) -> bytes:
+    """The 32 bytes of an Ed25519 key (private seed or public key) written as hex; `what` names it in the error."""
     try:
         key = bytes.fromhex(text)
     except ValueError:
-        raise KeyFileError(f"public key {value[:80]!r} is not hex") from None
+        raise KeyFileError(f"{what} is not hex") from None
     if len(key) != 32:
-        raise KeyFileError(f"public key {value[:80]!r} has {len(key)} bytes; an Ed25519 key has 32")
+        raise KeyFileError(f"{what} has {len(key)} bytes; an Ed25519 key has 32")
     return key
 
 

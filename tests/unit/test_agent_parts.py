@@ -217,3 +217,16 @@ def test_overlay_source_drives_reported_metrics(tmp_path: Path) -> None:
     assert source.sample() == {"cpu": 10.0, "temp": 85.0}
     overlay.write_text("{broken")
     assert source.sample()["temp"] == 40.0
+
+
+def test_a_key_that_is_not_32_bytes_of_hex_is_refused_naming_it(tmp_path: Path) -> None:
+    from agent.runtime.keys import KeyFileError, load_key, parse_public_key
+
+    key = tmp_path / "node.key"
+    for text, says in (("zz" * 32, "is not hex"), ("ab" * 31, "has 31 bytes; an Ed25519 key has 32")):
+        key.write_text(text + "\n")
+        os.chmod(key, 0o600)
+        with pytest.raises(KeyFileError, match=f"key file {key} {says}"):
+            load_key(key)
+        with pytest.raises(KeyFileError, match=says):
+            parse_public_key(str(key))  # a public key given as a file

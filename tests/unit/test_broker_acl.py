@@ -121,7 +121,7 @@ def test_the_broker_password_travels_signed_and_never_shows_in_a_repr() -> None:
 
 
 def test_the_agent_logs_in_as_itself_with_a_password_it_keeps(tmp_path: Path) -> None:
-    required = {"broker": "mqtt://b:1883", "fleet": FLEET, "node_id": "n1", "data": str(tmp_path / "n1")}
+    required = {"broker": "mqtt://broker.invalid", "fleet": FLEET, "node_id": "n1", "data": str(tmp_path / "n1")}
     env = {"FLEETFLOW_ENROLL_PASSWORD": "shared-enrollment-password"}
     config = load_config({**required, "enroll_username": f"enroll@{FLEET}"}, None, env)
     identity = Identity.open(config.data, "n1", FLEET)
@@ -142,7 +142,7 @@ def test_the_agent_logs_in_as_itself_with_a_password_it_keeps(tmp_path: Path) ->
 
 
 def test_the_admin_login_file_must_be_private_json(tmp_path: Path) -> None:
-    required = {"broker": "mqtt://b:1883", "fleet": FLEET, "data": str(tmp_path / "hub")}
+    required = {"broker": "mqtt://broker.invalid", "fleet": FLEET, "data": str(tmp_path / "hub")}
     path = tmp_path / "admin.json"
     path.write_text(json.dumps({"username": "admin@x", "password": "pw"}))
     os.chmod(path, 0o644)

@@ -8,6 +8,7 @@ import importlib.util
 import io
 import os
 import random
+import select
 import signal
 import sys
 import time
@@ -75,16 +76,27 @@ def spins(value: int) -> str:
     return "ok"
 
 
+def blocks(seconds: float = 60) -> None:
+    """Hang as a stuck decoder does, using no CPU: wait for data on a pipe nobody writes, bounded by `seconds` so a
+    harness that failed to stop it still cannot stall the suite."""
+    read_end, write_end = os.pipe()
+    try:
+        select.select([read_end], [], [], seconds)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
 def sleeps(value: int) -> str:
     if value == 7:
-        time.sleep(60)  # no CPU: the clock limit stops it
+        blocks()  # no CPU: the clock limit stops it
     return "ok"
 
 
 def hangs_unseen(value: int) -> str:
     if value == 7:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})  # as C code holding on would: the timer waits
-        time.sleep(60)
+        blocks()
     return "ok"
 
 
