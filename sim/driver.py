@@ -180,9 +180,11 @@ class Driver:
         if workload is None or workload.rate <= 0 or not workload.submissions:
             return
         every = 60.0 / (workload.rate * len(self.orchestra.devices))
-        count = 0
-        while time.monotonic() + every <= until:
-            await asyncio.sleep(every)
+        start, count = time.monotonic(), 0
+        # Due times are absolute (start + k * every), so a slow submission does not lower the rate: the runs that fell
+        # due meanwhile are submitted at once.
+        while start + (count + 1) * every <= until:
+            await _sleep_until(start + (count + 1) * every)
             submission = workload.submissions[count % len(workload.submissions)]
             count += 1
             await self._submit(submission, f"{submission.label}-{count}")

@@ -208,9 +208,11 @@ def test_watch_redraws_on_change_and_ctrl_c_ends_it_with_exit_0(hub: HubProcess,
                            20, "a listing with the new run succeeded")
         assert sum(1 for line in text.splitlines() if line.startswith("ID ")) >= 2  # printed again as it changed
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=10) == 0
         assert proc.stderr is not None
+        # A generous bound: on a saturated machine the interpreter's exit alone was seen to take seconds.
+        code = proc.wait(timeout=60)
         stderr = proc.stderr.read()
+        assert code == 0, stderr
         assert "Traceback" not in stderr and "Aborted" not in stderr, stderr
     finally:
         if proc.poll() is None:
