@@ -18,10 +18,21 @@ A TOML file uses the same names as the flags (with underscores), plus tables for
     [python]
     enabled = false
     allow = []
+    [artifacts]                      # artifact.install, artifact.rollback (agent/artifacts.py)
+    enabled = true
+    hub_url = "https://hub.plant1:8470"
+    [service]                        # service.restart (agent/services.py)
+    enabled = true
+    units = ["plant-app.service"]
+    supervise = ["demo = python3 app.py --port 8080"]
+    [health]                         # health.check (agent/services.py)
+    enabled = true
+    allow = ["http://127.0.0.1:*", "/usr/bin/curl"]
 """
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -30,6 +41,8 @@ from typing import Any
 from .runtime.settings import (ConfigError, Parser, SettingsSpec, as_bool, as_broker_url, as_id, as_labels, as_path,
                                as_positive_float, as_positive_int, as_public_key, as_secret_file, as_strings, as_text,
                                layer_settings)
+from protocols.manifest import ARTIFACT_NAME, url_problem
+
 from .runtime.transport import BrokerSettings
 
 __all__ = ["AGENT_SETTINGS", "AgentConfig", "ConfigError", "load_config"]
@@ -69,6 +82,16 @@ class AgentConfig:
     shell_allow: tuple[str, ...] = ()
     python: bool = False
     python_allow: tuple[str, ...] = ()
+    artifacts: bool = False
+    artifacts_dir: Path | None = None     # default: DATA/artifacts
+    artifacts_hub_url: str | None = None  # the hub's API, which serves GET /artifacts/{sha256}
+    artifacts_ca_file: str | None = None  # CA for an https:// hub or mirror (default: the system's)
+    artifacts_max_bytes: int = 1 << 30
+    service: bool = False
+    service_units: tuple[str, ...] = ()      # systemd units service.restart may restart (glob patterns)
+    service_supervise: tuple[str, ...] = ()  # "NAME = COMMAND": processes the agent runs from an artifact
+    health: bool = False
+    health_allow: tuple[str, ...] = ()       # commands (argv[0]) and URLs health.check may probe (glob patterns)
 
     def broker_settings(self) -> BrokerSettings:
         return BrokerSettings(self.broker, self.username, self.password, self.ca_file, self.cert_file, self.key_file,
@@ -84,6 +107,41 @@ class AgentConfig:
         return replace(self.broker_settings(), username=self.enroll_username, password=self.enroll_password)
 
 
+def as_http_url(value: Any, where: str) -> str:
+    url = as_text(value, where)
+    problem = url_problem(url)
+    if problem is not None:
+        raise ConfigError(f"{where}: {problem}")
+    return url.rstrip("/")
+
+
+def parse_supervised(entry: str) -> tuple[str, list[str]]:
+    """`NAME = COMMAND` -> (NAME, argv); ValueError saying what is wrong."""
+    name, sep, command = entry.partition("=")
+    name = name.strip()
+    if not sep or not ARTIFACT_NAME.match(name):
+        raise ValueError(f"{entry[:80]!r}: expected NAME = COMMAND, NAME being 1-64 of A-Z a-z 0-9 _ . -")
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise ValueError(f"{entry[:80]!r}: {exc}") from None
+    if not argv:
+        raise ValueError(f"{entry[:80]!r}: the command is empty")
+    return name, argv
+
+
+def as_supervised(value: Any, where: str) -> tuple[str, ...]:
+    """`NAME = COMMAND` entries: NAME is the service and the artifact it runs from, COMMAND its argv (shell
+    quoting, never a shell)."""
+    entries = as_strings(value, where)
+    for entry in entries:
+        try:
+            parse_supervised(entry)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return entries
+
+
 PARSERS: dict[str, Parser] = {
     "broker": as_broker_url, "fleet": as_id, "node_id": as_id, "data": as_path, "profile": as_id,
     "labels": as_labels, "hub_key": as_public_key, "trust_first_hub_key": as_bool, "username": as_text,
@@ -94,6 +152,9 @@ PARSERS: dict[str, Parser] = {
     "enroll_username": as_text, "enroll_password": as_text,
     "profiles_dir": as_path, "telemetry_file": as_text, "shell": as_bool, "shell_allow": as_strings,
     "python": as_bool, "python_allow": as_strings,
+    "artifacts": as_bool, "artifacts_dir": as_path, "artifacts_hub_url": as_http_url, "artifacts_ca_file": as_text,
+    "artifacts_max_bytes": as_positive_int, "service": as_bool, "service_units": as_strings,
+    "service_supervise": as_supervised, "health": as_bool, "health_allow": as_strings,
 }
 REQUIRED = ("broker", "fleet", "node_id", "data")
 # Never from a flag: a command line is visible to every user of the machine (ps). Each secret names where it may
@@ -103,7 +164,7 @@ SECRET_SOURCES = {"password": "FLEETFLOW_PASSWORD or the config file",
                   "enroll_password": "FLEETFLOW_ENROLL_PASSWORD or the config file"}
 # Settings that are read from a file into another setting.
 FROM_FILE = {"enroll_token_file": "enroll_token"}
-AGENT_SETTINGS = SettingsSpec(PARSERS, REQUIRED, SECRET_SOURCES, FROM_FILE, tables=("shell", "python"))
+AGENT_SETTINGS = SettingsSpec(PARSERS, REQUIRED, SECRET_SOURCES, FROM_FILE, tables=("shell", "python", "artifacts", "service", "health"))
 
 
 def load_config(flags: Mapping[str, Any], config_file: Path | None = None,

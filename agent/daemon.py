@@ -35,12 +35,12 @@ def config_to_json(config: AgentConfig) -> str:
 
 def config_from_json(text: str) -> AgentConfig:
     raw = json.loads(text)
-    for name in ("data", "profiles_dir"):
+    for name in ("data", "profiles_dir", "artifacts_dir"):
         if raw.get(name) is not None:
             raw[name] = Path(raw[name])
     if raw.get("hub_key"):
         raw["hub_key"] = bytes.fromhex(raw["hub_key"])
-    for name in ("shell_allow", "python_allow"):
+    for name in ("shell_allow", "python_allow", "service_units", "service_supervise", "health_allow"):
         raw[name] = tuple(raw.get(name) or ())
     return AgentConfig(**raw)
 

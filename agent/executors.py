@@ -1,5 +1,7 @@
 """Step executors. Builtins (`noop`, `sleep`, `echo`, `fail`) are always on; `shell` and `python` can run arbitrary
-code, so they are off until the agent's config enables them, each with an allowlist.
+code, so they are off until the agent's config enables them, each with an allowlist. So are the update executors
+(`artifact.install`, `artifact.rollback` in artifacts.py; `service.restart`, `health.check` in services.py), which
+change what the device runs.
 
 An executor is an async callable `(inputs, context) -> output map`; it raises `StepFailed` for a failure the hub
 should see as the step's error. Cancellation (a hub `cancel`, a newer fence, the step timeout, shutdown) arrives as
@@ -11,15 +13,21 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import importlib
-import importlib.metadata
 import inspect
 import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protocols import FleetflowError
+
+if TYPE_CHECKING:
+    import nacl.signing
+
+    from .artifacts import ArtifactSettings
+    from .config import AgentConfig
+    from .services import ServiceSettings
 
 Output = dict[str, Any]
 
@@ -54,6 +62,9 @@ class ExecutorPolicy:
     output_limit: int = 64 * 1024          # bytes of stdout/stderr kept per stream
     kill_grace: float = 2.0                # SIGTERM -> SIGKILL delay for a process group
     extra: dict[str, Executor] = field(default_factory=dict)  # e.g. simulated hardware steps
+    artifacts: ArtifactSettings | None = None  # artifact.install and artifact.rollback; None: off
+    services: ServiceSettings | None = None    # service.restart; None: off
+    health_allow: tuple[str, ...] | None = None  # health.check, probing only these URLs and commands; None: off
 
 
 async def run_noop(inputs: dict[str, Any], ctx: StepContext) -> Output:
@@ -79,16 +90,31 @@ async def run_fail(inputs: dict[str, Any], ctx: StepContext) -> Output:
 BUILTINS: dict[str, Executor] = {"noop": run_noop, "sleep": run_sleep, "echo": run_echo, "fail": run_fail}
 
 
-def _kill_group(pgid: int, sig: int) -> None:
+def kill_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
 
 
+async def stop_process_group(proc: asyncio.subprocess.Process, grace: float) -> None:
+    """SIGTERM to the process group a child leads (started with start_new_session), SIGKILL after `grace` s."""
+    kill_group(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), grace)
+    except (asyncio.TimeoutError, asyncio.CancelledError):
+        pass
+    kill_group(proc.pid, signal.SIGKILL)
+
+
+def allowed(value: str, patterns: tuple[str, ...]) -> bool:
+    """`value` is one of `patterns`, exactly or as a glob pattern (an allowlist entry)."""
+    return any(value == pattern or fnmatch.fnmatchcase(value, pattern) for pattern in patterns)
+
+
 def kill_process_group(pgid: int) -> None:
     """Used after a crash: whatever is left of an interrupted shell step goes."""
-    _kill_group(pgid, signal.SIGKILL)
+    kill_group(pgid, signal.SIGKILL)
 
 
 def make_shell(policy: ExecutorPolicy) -> Executor:
@@ -96,7 +122,7 @@ def make_shell(policy: ExecutorPolicy) -> Executor:
         argv = inputs.get("argv")
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise StepFailed("shell: 'argv' must be a non-empty list of strings (no shell string is run)")
-        if not any(argv[0] == allowed or fnmatch.fnmatchcase(argv[0], allowed) for allowed in policy.shell_allow):
+        if not allowed(argv[0], policy.shell_allow):
             raise StepFailed(f"shell: {argv[0]!r} is not on this agent's shell allowlist")
         env = inputs.get("env", {})
         if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
@@ -128,17 +154,12 @@ def make_shell(policy: ExecutorPolicy) -> Executor:
             (out, out_total), (err, err_total) = await readers
             code = await proc.wait()
         except asyncio.CancelledError:
-            _kill_group(pgid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), policy.kill_grace)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
-                pass
-            _kill_group(pgid, signal.SIGKILL)
+            await stop_process_group(proc, policy.kill_grace)
             readers.cancel()
             raise
         finally:
             # Children that outlive a finished step (daemonised or backgrounded) go too.
-            _kill_group(pgid, signal.SIGKILL)
+            kill_group(pgid, signal.SIGKILL)
             ctx.on_process_group(None)
         stderr = err.decode(errors="replace")
         result = {"exit_code": code, "stdout": out.decode(errors="replace"), "stderr": stderr,
@@ -163,8 +184,11 @@ def _resolve_python(target: str, policy: ExecutorPolicy) -> Callable[..., Any]:
         except (ImportError, AttributeError) as exc:
             raise StepFailed(f"python: cannot load {target!r}: {exc}") from None
         return obj
-    # An entry point name: installed packages declare these in the `fleetflow.steps` group.
-    for ep in importlib.metadata.entry_points(group="fleetflow.steps"):
+    # An entry point name: installed packages declare these in the `fleetflow.steps` group. importlib.metadata is
+    # imported here, not at the top: it weighs 0.8 MB resident in an agent that may never run a python step.
+    from importlib import metadata  # `import importlib.metadata` here would make `importlib` local to the function
+
+    for ep in metadata.entry_points(group="fleetflow.steps"):
         if ep.name == target:
             return ep.load()
     raise StepFailed(f"python: no entry point {target!r} in group fleetflow.steps")
@@ -196,6 +220,23 @@ def make_python(policy: ExecutorPolicy) -> Executor:
     return run_python
 
 
+def update_executors(config: AgentConfig, node_key: nacl.signing.SigningKey,
+                     hub_keys: Callable[[], tuple[bytes, ...]]) -> dict[str, Any]:
+    """The `ExecutorPolicy` fields of the update executors, from the agent's config (each None when it is off)."""
+    from .artifacts import ArtifactSettings
+    from .services import ServiceSettings
+
+    root = config.artifacts_dir or config.data / "artifacts"
+    return {
+        "artifacts": ArtifactSettings(root, config.fleet, config.node_id, node_key, hub_keys, config.artifacts_hub_url,
+                                      config.artifacts_ca_file, config.artifacts_max_bytes)
+        if config.artifacts else None,
+        "services": ServiceSettings(root, config.data / "services", config.service_units, config.service_supervise)
+        if config.service else None,
+        "health_allow": config.health_allow if config.health else None,
+    }
+
+
 def build_executors(policy: ExecutorPolicy) -> tuple[dict[str, Executor], set[str]]:
     """(enabled executors, names known but disabled)."""
     enabled = dict(BUILTINS)
@@ -209,4 +250,20 @@ def build_executors(policy: ExecutorPolicy) -> tuple[dict[str, Executor], set[st
         enabled["python"] = make_python(policy)
     else:
         disabled.add("python")
+    # Imported here: those modules build on this one (StepFailed, allowlists, process groups).
+    from .artifacts import INSTALL, ROLLBACK, make_artifact_executors
+    from .services import HEALTH, RESTART, make_health_check, make_service_restart
+
+    if policy.artifacts is not None:
+        enabled.update(make_artifact_executors(policy.artifacts))
+    else:
+        disabled.update((INSTALL, ROLLBACK))
+    if policy.services is not None:
+        enabled[RESTART] = make_service_restart(policy.services)
+    else:
+        disabled.add(RESTART)
+    if policy.health_allow is not None:
+        enabled[HEALTH] = make_health_check(policy.health_allow, policy.kill_grace)
+    else:
+        disabled.add(HEALTH)
     return enabled, disabled

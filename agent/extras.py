@@ -18,6 +18,7 @@ from typer.core import TyperGroup
 OPTIONAL_COMMANDS: dict[str, tuple[str, str]] = {
     "hub": ("hub", "hub"), "run": ("hub", "hub"), "nodes": ("hub", "hub"), "schema": ("hub", "hub"),
     "validate": ("hub", "hub"), "token": ("hub", "hub"), "audit": ("hub", "hub"), "journal": ("hub", "hub"), "broker": ("hub", "hub"),
+    "artifacts": ("hub", "hub"), "deploy": ("hub", "hub"), "deployments": ("hub", "hub"),
     "demo": ("sim", "hub,broker"), "sim": ("sim", "hub"), "profiles": ("sim", "hub"),
 }
 

@@ -26,7 +26,7 @@ from protocols import Heartbeat, Outgoing, ProtocolError, Receiver, ReplayWindow
 
 from . import __version__
 from .config import AgentConfig, ConfigError
-from .executors import Executor, ExecutorPolicy, build_executors
+from .executors import Executor, ExecutorPolicy, build_executors, update_executors
 from .identity import Identity
 from .outbox import Outbox
 from .protocol import (Acked, AgentProtocol, CancelAttempts, Enrolled, EnrollRefused, HubSeen, HubTrust, Ignored,
@@ -76,7 +76,8 @@ class Agent:
             self.telemetry = OverlaySource(self.telemetry, config.telemetry_file)
         hb, tel = self.identity.intervals()
         policy = ExecutorPolicy(shell=config.shell, shell_allow=config.shell_allow, python=config.python,
-                                python_allow=config.python_allow, extra=dict(extra_executors or {}))
+                                python_allow=config.python_allow, extra=dict(extra_executors or {}),
+                                **update_executors(config, self.identity.key, lambda: self.trusted_hub_keys))
         executors, disabled = build_executors(policy)
         self.runner = Runner(self.outbox, executors, disabled, slots, clock_ms, self._wake_flusher, config.max_step_bytes, speed)
         profile = self.profile
@@ -114,6 +115,12 @@ class Agent:
     @property
     def hub_key(self) -> bytes | None:
         return self.protocol.hub_key
+
+    @property
+    def trusted_hub_keys(self) -> tuple[bytes, ...]:
+        """The pinned hub key, and the next one a hub key rotation announced: what artifact manifests may be
+        signed with."""
+        return tuple(k for k in (self.protocol.hub_key, self.protocol.hub_next_key) if k)
 
     @property
     def rejected(self) -> collections.Counter[str]:

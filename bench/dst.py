@@ -2,11 +2,13 @@
 
     python bench/dst.py --seeds 1000 [--start 1] [--jobs 2]   # one line per failing seed, then a summary
     python bench/dst.py --seed 17 --history                   # that seed's history, identical on every run
+    python bench/dst.py --smoke                               # 3 seeds, for CI (bench/run_all.py --smoke)
 
 A failing seed prints the invariant it broke and the command that replays it; a seed that raises, stalls (virtual time
 standing still) or runs past SEED_WALL_S of wall-clock time fails the same way, as `raised`. The summary line reads
-`N seeds, F failures, X simulated hours per wall-clock second`. The process re-executes itself with PYTHONHASHSEED=0
-when that is not set: the hub's core iterates sets of strings, whose order follows the per-process hash salt.
+`N seeds, F failures, X simulated hours per wall-clock second`, then the same as one JSON line. The process
+re-executes itself with PYTHONHASHSEED=0 when that is not set: the hub's core iterates sets of strings, whose order
+follows the per-process hash salt.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ if os.environ.get("PYTHONHASHSEED") is None:  # before anything hashes a string 
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import multiprocessing  # noqa: E402
 import signal  # noqa: E402
@@ -87,6 +90,8 @@ def many(start: int, count: int, jobs: int) -> int:
                 print(f"seed {seed}: {invariant}{more}: {detail[:300]}  rerun: {rerun(seed)}", flush=True)
     wall = time.perf_counter() - started
     print(f"{count} seeds, {failures} failures, {simulated / 3600 / wall:.3g} simulated hours per wall-clock second")
+    print(json.dumps({"seeds": count, "failures": failures, "simulated_hours_per_s": round(simulated / 3600 / wall, 4),
+                      "wall_s": round(wall, 1)}))
     return 1 if failures else 0
 
 
@@ -127,7 +132,10 @@ def main() -> int:
     parser.add_argument("--history", action="store_true", help="print the seed's history, one line per event")
     parser.add_argument("--jobs", type=int, default=1, help="processes running seeds side by side")
     parser.add_argument("--log", default="CRITICAL", help="log level of the hub and agents (to stderr)")
+    parser.add_argument("--smoke", action="store_true", help="3 seeds, for CI (bench/run_all.py --smoke)")
     args = parser.parse_args()
+    if args.smoke:
+        args.seeds = 3
     logging.basicConfig(level=args.log.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     if args.seed is not None:
         return one(args.seed, args.history)

@@ -1,6 +1,6 @@
 """Fuzz every decoder with generated and mutated input: 0 crashes and 0 hangs is the bar (issue 13, item 8).
 
-    python bench/fuzz.py [--count 100000] [--seed 1] [--only NAME ...] [--budget 2.0]
+    python bench/fuzz.py [--count 100000] [--seed 1] [--only NAME ...] [--budget 2.0] [--smoke]
     python bench/fuzz.py --only NAME --seed S --index I     # run one input again, in process, with its traceback
     python bench/fuzz.py --replay bench/fuzz-crashes/FILE     # the same, from a saved input
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -363,7 +364,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--replay", type=Path, help="run a saved input again, in this process")
     parser.add_argument("--crash-dir", type=Path, default=CRASH_DIR)
     parser.add_argument("--list", action="store_true", help="list the targets")
+    parser.add_argument("--smoke", action="store_true", help="a tiny size, for CI (bench/run_all.py --smoke)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.count = 500
     if args.list:
         for t in TARGETS.values():
             print(f"{t.name:<14} {t.about}")
@@ -380,6 +384,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"fuzzing {', '.join(names)}: {args.count} inputs, seed {args.seed}, budget {args.budget:g} s per input",
           flush=True)
     reports = run(names, args.count, args.seed, args.budget, args.crash_dir, memory_mb=args.memory_mb)
+    seconds = sum(r.seconds for r in reports)
+    print(json.dumps({"inputs": sum(r.inputs for r in reports), "crashes": sum(r.crashes for r in reports),
+                      "hangs": sum(r.hangs for r in reports), "targets": len(reports),
+                      "inputs_per_s": round(sum(r.inputs for r in reports) / max(seconds, 1e-9))}))
     return 1 if any(r.findings for r in reports) else 0
 
 

@@ -1,12 +1,13 @@
 """How many simulated devices this machine sustains with Mosquitto, the hub and the simulator together, and how
 fast failures are detected.
 
-    python bench/sim.py [--sizes 250,500,1000,2000] [--seconds 30] [--procs 2]
+    python bench/sim.py [--sizes 250,500,1000,2000] [--seconds 30] [--procs 2] [--smoke]
 
 For each fleet size: every device at heartbeat 5 s (telemetry 10 s) for `--seconds` after all are online; the
 heartbeats the hub accepted against the number the devices were due to send, and the hub's ingest lag (receipt to
 applied) p99 from its own histogram. The largest size with no heartbeat lost and lag p99 < 1 s is reported. Then,
 on 50 devices: power cut -> Failed, and partition -> Failed at keepalive 5 s (side by side with 1.5 x keepalive).
+Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ async def size_run(tmp: Path, devices: int, seconds: float, procs: int) -> dict[
         broker.stop()
 
 
-def detection(tmp: Path) -> dict[str, float]:
-    """Kills and partitions on 50 devices through `fleetflow sim`, keepalive 5 s."""
+def detection(tmp: Path, devices: int = 50, seconds: int = 20) -> dict[str, float]:
+    """Kills and partitions on `devices` devices through `fleetflow sim`, keepalive 5 s."""
     broker = Broker("mosquitto", tmp / "broker-detect").start()
     hub = HubProcess(broker, "detect", tmp / "hub-detect", args=("--auto-accept", "--log-level", "warning")).start()
     try:
@@ -84,7 +85,7 @@ def detection(tmp: Path) -> dict[str, float]:
         faults.write_text("faults:\n  - {at: 1, kill: {count: 5}}\n  - {at: 2, partition: {count: 5, for: 15}}\n")
         report = tmp / "report.json"
         subprocess.run([str(Path(sys.executable).parent / "fleetflow"), "sim", "--broker", broker.url, "--fleet",
-                        "detect", "--devices", "50", "--duration", "20", "--faults", str(faults), "--keepalive", "5",
+                        "detect", "--devices", str(devices), "--duration", str(seconds), "--faults", str(faults), "--keepalive", "5",
                         "--report", str(report), "--data", str(hub.data)], capture_output=True, timeout=600)
         return json.loads(report.read_text())["figures"]  # type: ignore[no-any-return]
     finally:
@@ -97,7 +98,11 @@ def main() -> None:
     parser.add_argument("--sizes", default="250,500,1000,2000")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--procs", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="a tiny size, for CI (bench/run_all.py --smoke)")
     args = parser.parse_args()
+    if args.smoke:
+        args.sizes, args.seconds, args.procs = "10", 6.0, 1
+    sizes: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         print(f"Mosquitto + hub + simulator ({args.procs} processes) on this machine; heartbeat 5 s, telemetry 10 s, "
@@ -106,6 +111,7 @@ def main() -> None:
         best = 0
         for size in (int(s) for s in args.sizes.split(",")):
             r = asyncio.run(size_run(tmp, size, args.seconds, args.procs))
+            sizes.append(r)
             if not r.get("online"):
                 print(f"{size:8d} did not all come online within 300 s")
                 break
@@ -117,10 +123,13 @@ def main() -> None:
                 break
             best = size
         print(f"\nlargest size sustained (every heartbeat accepted, hub lag p99 < 1 s): {best}")
-        figures = detection(tmp)
-        print("\nfailure detection on 50 devices (keepalive 5 s, so 1.5 x keepalive = 7.5 s):")
+        watched = 10 if args.smoke else 50
+        figures = detection(tmp, watched, 12 if args.smoke else 20)
+        print(f"\nfailure detection on {watched} devices (keepalive 5 s, so 1.5 x keepalive = 7.5 s):")
         print(f"  power cut -> Failed: {figures.get('detection_ms')} ms")
         print(f"  partition -> Failed: {figures.get('partition_detection_ms')} ms")
+        print(json.dumps({"sizes": sizes, "largest_sustained": best, "detection_ms": figures.get("detection_ms"),
+                          "partition_detection_ms": figures.get("partition_detection_ms")}))
 
 
 if __name__ == "__main__":

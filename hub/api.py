@@ -4,7 +4,8 @@ Every route is a row of `ROUTES`: the least role that may call it (hub/tokens.py
 and drains nodes, admin manages nodes and tokens) and, for a route that changes something, the action it is audited
 as (hub/audit.py). A missing or unknown bearer token is answered 401, a known one with too low a role 403, each in
 one line and each audited; an allowed action is audited, with the status it ended in, before the answer goes out.
-There are no public pages: the OpenAPI document at /openapi.json needs a token too.
+The only public pages are the dashboard's shell and static files (hub/ui/); the OpenAPI document at /openapi.json
+needs a token too.
 
 One request must never stall the loop that also reads heartbeats: bodies are bounded while they arrive (`BodyLimit`),
 workflows are parsed and validated in a worker thread within the hub's `Limits`, and audit and token files are
@@ -36,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from protocols import kid_for
 
 from . import __version__
+from .artifacts.api import NODE_SCHEME, install_routes as install_artifact_routes, is_upload
 from .audit import AuditError, AuditLog, Record, RefusalBudget
 from .errors import OperatorError
 from .explain import waiting_reasons
@@ -43,6 +45,7 @@ from .limits import Limits, data_problem, over
 from .registry import matches, parse_selector
 from .state import Core, Run
 from .tokens import ADMIN, OPERATOR, VIEWER, Caller, Role, TokenStore, allows
+from .ui.routes import install_dashboard
 from .workflow import Workflow, WorkflowError, load_workflow_text, workflow_from_object
 
 if TYPE_CHECKING:
@@ -61,6 +64,7 @@ class Route:
     role: Role
     action: str | None = None
     status: int = 200
+    nodes: bool = False  # an accepted node may call it too, with a request signed by its key (hub/artifacts/)
 
 
 ROUTES: Final[tuple[Route, ...]] = (
@@ -84,6 +88,22 @@ ROUTES: Final[tuple[Route, ...]] = (
     Route("GET", "/tokens", ADMIN),
     Route("POST", "/tokens", ADMIN, "token.create", 201),
     Route("DELETE", "/tokens/{name}", ADMIN, "token.revoke"),
+    Route("GET", "/artifacts", VIEWER),
+    Route("GET", "/artifacts/{sha256}", VIEWER, nodes=True),
+    Route("POST", "/artifacts", OPERATOR, "artifact.add", 201),
+    Route("GET", "/events", VIEWER),  # the dashboard's live stream (hub/ui/feed.py, docs/dashboard.md)
+    Route("GET", "/ui/session", VIEWER),
+    Route("GET", "/ui/fleet", VIEWER),
+    Route("GET", "/ui/nodes/{node_id}", VIEWER),
+    Route("GET", "/ui/runs/{run_id}", VIEWER),
+    Route("POST", "/ui/login", VIEWER, "ui.login"),
+    Route("POST", "/ui/logout", VIEWER, "ui.logout"),
+    Route("GET", "/deployments", VIEWER),  # hub/deployments/api.py
+    Route("GET", "/deployments/{dep_id}", VIEWER),
+    Route("POST", "/deployments", OPERATOR, "deployment.create", 201),
+    Route("POST", "/deployments/{dep_id}/pause", OPERATOR, "deployment.pause"),
+    Route("POST", "/deployments/{dep_id}/resume", OPERATOR, "deployment.resume"),
+    Route("POST", "/deployments/{dep_id}/cancel", OPERATOR, "deployment.cancel"),
 )
 UNAUTHORIZED: Final = ("missing or wrong bearer token (the admin token is DATA/api.token; fleetflow token create makes "
                        "others)")
@@ -113,10 +133,12 @@ class Access:
     def __init__(self, tokens: TokenStore, audit: AuditLog, clock: Callable[[], int]) -> None:
         self.tokens, self.audit, self.clock = tokens, audit, clock
         self.budget = RefusalBudget()
+        self.node_auth: Callable[[Request, str], Caller | None] | None = None  # set by hub/artifacts/api.py
 
     async def admit(self, request: Request, route: Route, authorization: str) -> Caller:
         scheme, _, given = authorization.partition(" ")
-        caller = self.tokens.identify(given.strip()) if scheme.lower() == "bearer" else None
+        caller = (self.node_auth(request, given.strip()) if route.nodes and scheme == NODE_SCHEME and self.node_auth
+                  else self.tokens.identify(given.strip()) if scheme.lower() == "bearer" else None)
         action = route.action or f"{route.method} {route.path}"
         if caller is None:
             await self._refused(request, Caller("-", "-"), action,  # type: ignore[arg-type]  # nobody: no role
@@ -273,7 +295,7 @@ def node_view(hub: Hub, node_id: str) -> dict[str, Any]:
         out.update(boot=node.boot, slots=node.slots, running=sorted(node.attempts), draining=node.draining,
                    caps=sorted(node.caps), resources=node.resources, last_seen=node.last_seen,
                    changed_at=node.changed_at, throttled=node.throttled, breaker=node.breaker,
-                   history=list(node.history))
+                   history=list(node.history), versions=dict(node.versions))
     # Two devices use this identity (hub/clones.py): {reason, since, last, boots}, else null.
     out["conflict"] = dict(node.conflict) if node is not None and node.conflict is not None else None
     if view is not None:
@@ -302,7 +324,7 @@ class BodyLimit:
         self.limits = limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or is_upload(scope):  # an upload is bounded by the artifact store
             await self.app(scope, receive, send)
             return
         limit = self.limits.request_bytes
@@ -539,6 +561,11 @@ def create_app(hub: Hub) -> FastAPI:
             note.params["role"] = token.role
         return {**token.public(), "state": "revoked"}
 
+    install_artifact_routes(hub, access, handles)
+    install_dashboard(app, hub, access, handles)
+    from .deployments.api import add_deployment_routes  # here: it builds on this module's Body and Access
+
+    add_deployment_routes(hub, access, handles)
     for spec in ROUTES:
         handler = handlers.pop((spec.method, spec.path), None)
         if handler is None:

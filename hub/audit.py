@@ -7,6 +7,10 @@ DATA/audit.log holds JSON lines, appended and fsync'd before the API answers. An
      "params": {...no secrets...}, "from": client address, "status": HTTP status (0: done by the CLI on the data
      directory), "prev": hash of entry 6, "kid": signing key id, "hash": sha256 hex, "sig": Ed25519 hex}
 
+A Sparkplug host's command the hub acts on (hub/sparkplug/bridge.py: a DCMD drain, an NCMD rebirth) is an entry too:
+`who` is `sparkplug` or `sparkplug:HOST_ID` (the broker login that may publish commands is its only authentication),
+`role` operator, `from` `mqtt:` and the topic it came on, `status` what the same action through the API would answer.
+
 `hash` is SHA-256 of the entry without `hash` and `sig`, as canonical JSON (sorted keys, no spaces); `sig` signs
 "fleetflow audit entry v1\\n" + hash with the hub key `kid` names (hub/keys.py). Entry 1 has a `prev` of 64 zeros. So
 an entry changed, removed or moved breaks the chain or a hash, and one rewritten whole needs the hub's key.

@@ -4,15 +4,22 @@ each accepted node a broker login of its own and takes it away when the node is 
 Roles (docs/operations.md, "Least privilege on the broker"). Mosquitto 2.0's dynamic-security plugin substitutes no
 `%u` or `%c` in ACL topics, so a node's own topics are written into a role of its own, made with its login:
 
-    hub@F          read node/+/{enroll,birth,death,hb,tel,evt}; write node/+/cmd, hub/state, json/# (--json-mirror)
+    hub@F          read node/+/{enroll,birth,death,hb,tel,evt} (also as $share/fleetflow-hub/..., --ingest-workers);
+                   write node/+/cmd, hub/state, json/# (--json-mirror)
     node@F         read hub/state (every node)
     node@F:ID      write node/ID/{enroll,birth,death,hb,tel,evt}; read node/ID/cmd (node ID only)
     enroll@F       write node/+/enroll, nothing else, read nothing (devices not enrolled yet, one shared login)
     admin@F        the plugin's control topic (the hub's session below)
 
-Usernames: a node logs in as its node id; the others are `hub@F`, `enroll@F` and `admin@F`, which no node id can
-take (`@` is not an id character). Nobody but `hub@F` may read enroll topics, so the password a node puts in its
-enroll request (docs/protocol.md 7.1) reaches the hub alone.
+With Sparkplug (`SparkplugAccess`: group G, edge node E, host application H; topics under spBv1.0/, hub/sparkplug/):
+
+    hub@F          also write G/{NBIRTH,NDATA,NDEATH}/E, G/{DBIRTH,DDATA,DDEATH}/E/+; read G/NCMD/E, G/DCMD/E/+, STATE/+
+    scada@F        write G/NCMD/E, G/DCMD/E/+, STATE/H; read G/#, STATE/H (only with a host application H)
+
+Usernames: a node logs in as its node id; the others are `hub@F`, `enroll@F`, `admin@F` and `scada@F`, which no node
+id can take (`@` is not an id character). Nobody but `hub@F` may read enroll topics, so the password a node puts in
+its enroll request (docs/protocol.md 7.1) reaches the hub alone. Sparkplug commands are not signed: the ACLs are what
+keeps everyone but `scada@F` from draining nodes over DCMD.
 
 The session: `BrokerClients` keeps the latest change wanted per node (log in with a password, enable, disable,
 delete) and sends each to `$CONTROL/dynamic-security/v1` over its own MQTT connection with the admin login, one
@@ -38,6 +45,10 @@ from agent.runtime.keys import KeyFileError, read_private_text
 from agent.runtime.logs import ThrottledLog
 from agent.runtime.transport import MqttTransport, Session, Transport, TransportError, session_client_id
 from protocols import HUB_ID, FleetflowError, Topic, TopicFilter, check_id
+
+from .ingest import SHARE_GROUP
+from .sparkplug.settings import (DEVICE_KINDS, NAMESPACE, NODE_KINDS, check_sparkplug_id, sparkplug_topic,
+                                 state_topic)
 
 if TYPE_CHECKING:
     from .service import Hub
@@ -82,10 +93,45 @@ def _acl(acltype: str, topic: str) -> dict[str, Any]:
 
 
 @dataclass(frozen=True, slots=True)
+class SparkplugAccess:
+    """The Sparkplug topics of a hub run with --sparkplug: its group and edge node id (as `hub run` takes them), and
+    the host application given a login of its own, if any. Ids are checked as the hub checks them (ValueError)."""
+
+    group: str
+    edge_node: str
+    host: str | None = None
+
+    def __post_init__(self) -> None:
+        for value in (self.group, self.edge_node, self.host):
+            if value is not None:
+                check_sparkplug_id(value)
+
+    def topic(self, kind: str, device: str | None = None) -> str:
+        return sparkplug_topic(self.group, kind, self.edge_node, device)
+
+    def hub_acls(self) -> list[dict[str, Any]]:
+        """The edge node's own messages and its devices'; the commands to it and every host's STATE."""
+        writes = [self.topic(kind) for kind in NODE_KINDS] + [self.topic(kind, "+") for kind in DEVICE_KINDS]
+        reads = [self.topic("NCMD"), self.topic("DCMD", "+"), state_topic("+")]
+        return [_acl("publishClientSend", t) for t in writes] + [_acl("subscribePattern", t) for t in reads]
+
+    def host_acls(self) -> list[dict[str, Any]]:
+        """The host application's: commands to this edge node and its devices, its own STATE (retained, and its
+        Will); it reads the group, and its own STATE (a host watches it, to publish it again if it was overwritten)."""
+        if self.host is None:
+            raise ValueError("no host application named (--sparkplug-host)")
+        writes = [self.topic("NCMD"), self.topic("DCMD", "+"), state_topic(self.host)]
+        reads = [f"{NAMESPACE}/{self.group}/#", state_topic(self.host)]
+        return [_acl("publishClientSend", t) for t in writes] + [_acl("subscribePattern", t) for t in reads]
+
+
+@dataclass(frozen=True, slots=True)
 class FleetRoles:
-    """The usernames, roles and ACLs of one fleet's broker, as the dynamic-security plugin takes them."""
+    """The usernames, roles and ACLs of one fleet's broker, as the dynamic-security plugin takes them; with
+    `sparkplug`, the hub's Sparkplug topics too, and a login for its host application if it names one."""
 
     fleet: str
+    sparkplug: SparkplugAccess | None = None
 
     def __post_init__(self) -> None:
         check_id(self.fleet, "fleet")
@@ -103,6 +149,11 @@ class FleetRoles:
         return f"admin@{self.fleet}"
 
     @property
+    def scada_username(self) -> str:
+        """The Sparkplug host application's login (a setup has it only when `sparkplug` names a host)."""
+        return f"scada@{self.fleet}"
+
+    @property
     def node_role(self) -> str:
         return f"node@{self.fleet}"
 
@@ -111,9 +162,13 @@ class FleetRoles:
 
     def hub_acls(self) -> list[dict[str, Any]]:
         reads = [_acl("subscribePattern", str(TopicFilter.node_kind(self.fleet, kind))) for kind in NODE_WRITES]
+        # `hub run --ingest-workers N` subscribes to the same topics as a shared subscription (hub/ingest/)
+        reads += [_acl("subscribePattern", f"$share/{SHARE_GROUP}/{TopicFilter.node_kind(self.fleet, kind)}")
+                  for kind in NODE_WRITES]
         return reads + [_acl("publishClientSend", str(TopicFilter.node_kind(self.fleet, "cmd"))),
                         _acl("publishClientSend", Topic.hub_state(self.fleet).value),
-                        _acl("publishClientSend", f"fleetflow/v1/{self.fleet}/json/#")]
+                        _acl("publishClientSend", f"fleetflow/v1/{self.fleet}/json/#"),
+                        *(self.sparkplug.hub_acls() if self.sparkplug is not None else [])]
 
     def node_acls(self) -> list[dict[str, Any]]:
         return [_acl("subscribePattern", Topic.hub_state(self.fleet).value)]
@@ -133,8 +188,11 @@ class FleetRoles:
 
     def roles(self) -> dict[str, list[dict[str, Any]]]:
         """The fixed roles by name, each fixed login's named as the login (a node's own is made with its login)."""
-        return {self.hub_username: self.hub_acls(), self.node_role: self.node_acls(),
-                self.enroll_username: self.enroll_acls(), self.admin_username: self.admin_acls()}
+        fixed = {self.hub_username: self.hub_acls(), self.node_role: self.node_acls(),
+                 self.enroll_username: self.enroll_acls(), self.admin_username: self.admin_acls()}
+        if self.sparkplug is not None and self.sparkplug.host is not None:
+            fixed[self.scada_username] = self.sparkplug.host_acls()
+        return fixed
 
     def _role(self, name: str, acls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Made if missing, and its ACLs set to these either way (a role left by an older setup is corrected)."""

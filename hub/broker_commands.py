@@ -2,14 +2,17 @@
 on the broker").
 
     OUT/broker/mosquitto.conf          listener, no anonymous clients, the dynamic-security plugin (TLS files)
-    OUT/broker/dynamic-security.json   logins and roles (hub/broker_acl.py): hub@F, enroll@F, admin@F
+    OUT/broker/dynamic-security.json   logins and roles (hub/broker_acl.py): hub@F, enroll@F, admin@F (scada@F)
     OUT/broker/server.pem, server.key  with --tls: a certificate signed by a throwaway test CA
     OUT/ca.pem, OUT/ca.key             with --tls: that CA (clients need ca.pem; keep ca.key off the broker)
     OUT/hub.toml                       the hub's settings: broker, fleet, data (OUT/hub), its login, the admin file
     OUT/broker-admin.json              the admin login the hub gives nodes their own logins with
     OUT/agent.toml                     what every device shares: broker, fleet, the enrollment login
+    OUT/scada.json                     with --sparkplug-host: the Sparkplug host application's login and topics
 
-Secrets are written mode 0600. As root, OUT/broker is handed to the `mosquitto` user, which Mosquitto drops to.
+With --sparkplug the hub's role also holds its Sparkplug edge node's topics, and hub.toml runs the bridge with the
+group and edge node id the ACLs name (flags as `hub run` takes them). Secrets are written mode 0600. As root,
+OUT/broker is handed to the `mosquitto` user, which Mosquitto drops to.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ import typer
 from agent.runtime.console import fail
 from protocols import ProtocolError
 
-from .broker_acl import BrokerLogin, FleetRoles
+from .broker_acl import BrokerLogin, FleetRoles, SparkplugAccess
+from .sparkplug.settings import DEFAULT_GROUP, check_sparkplug_id
 from agent.runtime.storage import write_private
 
 broker_app = typer.Typer(help="Set up an MQTT broker where each node may publish only as itself.",
@@ -98,11 +102,16 @@ class Layout:
         return self.out / "agent.toml"
 
     @property
+    def scada_file(self) -> Path:
+        return self.out / "scada.json"
+
+    @property
     def ca(self) -> Path:
         return self.out / "ca.pem"
 
     def files(self) -> tuple[Path, ...]:
-        return (self.broker, self.hub_toml, self.admin_file, self.agent_toml, self.ca, self.out / "ca.key")
+        return (self.broker, self.hub_toml, self.admin_file, self.agent_toml, self.scada_file, self.ca,
+                self.out / "ca.key")
 
 
 def mosquitto_conf(layout: Layout, plugin: str, host: str, port: int, tls: bool) -> str:
@@ -126,7 +135,17 @@ def _is_loopback(host: str) -> bool:
 
 
 def _toml(values: dict[str, Any]) -> str:
-    return "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())  # JSON strings are TOML strings
+    # JSON strings are TOML strings, but for \u escapes of surrogate pairs (TOML takes scalar values only): any text
+    # outside ASCII (a Sparkplug group may hold any) is written as itself.
+    return "".join(f"{key} = {json.dumps(value, ensure_ascii=False)}\n" for key, value in values.items())
+
+
+def _hub_sparkplug(access: SparkplugAccess | None) -> dict[str, Any]:
+    """The `hub run` settings of the bridge the ACLs were written for: a hub with other ids would be refused."""
+    if access is None:
+        return {}
+    return {"sparkplug": True, "sparkplug_group": access.group, "sparkplug_node_id": access.edge_node,
+            **({"sparkplug_host": access.host} if access.host is not None else {})}
 
 
 def make_test_certificates(layout: Layout, host: str) -> None:
@@ -202,10 +221,12 @@ def _program(name: str, path: str | None) -> str:
     return shlex.quote(str(Path(path).resolve()))
 
 
-def write_config(layout: Layout, fleet: str, host: str, port: int, tls: bool, plugin: str) -> None:
-    roles = FleetRoles(fleet)
+def write_config(layout: Layout, roles: FleetRoles, host: str, port: int, tls: bool, plugin: str) -> None:
+    fleet, access = roles.fleet, roles.sparkplug
     hub, enroll, admin = (BrokerLogin(name, secrets.token_urlsafe(32))
                           for name in (roles.hub_username, roles.enroll_username, roles.admin_username))
+    scada = (BrokerLogin(roles.scada_username, secrets.token_urlsafe(32))
+             if access is not None and access.host is not None else None)
     layout.out.mkdir(parents=True, exist_ok=True)
     layout.broker.mkdir(mode=0o700)
     if tls:
@@ -213,13 +234,52 @@ def write_config(layout: Layout, fleet: str, host: str, port: int, tls: bool, pl
     url = f"{'mqtts' if tls else 'mqtt'}://{host}:{port}"
     ca = {"ca_file": str(layout.ca)} if tls else {}
     layout.conf.write_text(mosquitto_conf(layout, plugin, host, port, tls))
-    write_private(layout.state, json.dumps(dynsec_state(roles, [hub, enroll, admin]), indent=1).encode())
+    logins = [hub, enroll, admin] + ([scada] if scada is not None else [])
+    write_private(layout.state, json.dumps(dynsec_state(roles, logins), indent=1).encode())
     write_private(layout.admin_file, json.dumps({"username": admin.username, "password": admin.password}).encode())
     write_private(layout.hub_toml, _toml({"broker": url, "fleet": fleet, "data": str(layout.out / "hub"), **ca,
                                           "username": hub.username, "password": hub.password,
-                                          "broker_admin_file": str(layout.admin_file)}).encode())
+                                          "broker_admin_file": str(layout.admin_file),
+                                          **_hub_sparkplug(access)}).encode())
+    if scada is not None and access is not None:
+        # What a SCADA or IIoT platform is configured with: its login, and the ids it is a host application for.
+        write_private(layout.scada_file, json.dumps({
+            "broker": url, **ca, "username": scada.username, "password": scada.password, "host_id": access.host,
+            "group": access.group, "edge_node": access.edge_node}, indent=1, ensure_ascii=False).encode())
     write_private(layout.agent_toml, _toml({"broker": url, "fleet": fleet, **ca, "enroll_username": enroll.username,
                                             "enroll_password": enroll.password}).encode())
+
+
+def sparkplug_access(fleet: str, on: bool, group: str | None, node_id: str | None,
+                     host: str | None) -> SparkplugAccess | None:
+    """The Sparkplug part of the setup from `broker config`'s flags, each checked as `hub run` checks it; a bad one
+    exits 2 naming it."""
+    given = {"--sparkplug-group": group, "--sparkplug-node-id": node_id, "--sparkplug-host": host}
+    for flag, value in given.items():
+        if value is None:
+            continue
+        if not on:
+            fail(f"{flag}: needs --sparkplug", 2)
+        try:
+            check_sparkplug_id(value)
+        except ValueError as exc:
+            fail(f"{flag}: {exc}", 2)
+    return SparkplugAccess(group or DEFAULT_GROUP, node_id or fleet, host) if on else None
+
+
+def _scada_login(roles: FleetRoles, layout: Layout) -> str:
+    host = roles.sparkplug.host if roles.sparkplug is not None else None
+    return "" if host is None else (f", {roles.scada_username} (Sparkplug host application {host}: its login and "
+                                    f"ids are in {layout.scada_file})")
+
+
+def _sparkplug_note(roles: FleetRoles) -> str:
+    access = roles.sparkplug
+    if access is None:
+        return ""
+    commands = (f"add --sparkplug-commands to `hub run` to let {roles.scada_username} drain nodes over DCMD"
+                if access.host is not None else "no login may send it commands (--sparkplug-host names one)")
+    return f"Sparkplug: the hub is edge node {access.edge_node} of group {access.group} (hub.toml); {commands}.\n"
 
 
 @broker_app.command("config")
@@ -232,12 +292,29 @@ def broker_config(out: Path = typer.Option(..., "--out", help="Directory to writ
                                                              "URLs and the certificate; a loopback address also "
                                                              "limits the listener to it"),
                   plugin: Optional[str] = typer.Option(None, help=f"Path of {PLUGIN} (default: searched in "
-                                                                  f"/usr/lib and /usr/local/lib)")) -> None:
+                                                                  f"/usr/lib and /usr/local/lib)"),
+                  sparkplug: bool = typer.Option(False, "--sparkplug", help="The hub runs its Sparkplug B bridge "
+                                                 "(hub run --sparkplug): its edge node's topics in its role, and "
+                                                 "in hub.toml"),
+                  sparkplug_group: Optional[str] = typer.Option(None, "--sparkplug-group", metavar="G",
+                                                                help="Sparkplug group id (default: fleetflow)"),
+                  sparkplug_node_id: Optional[str] = typer.Option(None, "--sparkplug-node-id", metavar="ID",
+                                                                  help="Sparkplug edge node id (default: the fleet "
+                                                                       "id)"),
+                  sparkplug_host: Optional[str] = typer.Option(None, "--sparkplug-host", metavar="HOST_ID",
+                                                               help="The primary host application: a login "
+                                                                    "scada@FLEET (scada.json) that reads the group, "
+                                                                    "sends NCMD and DCMD to the hub's edge node and "
+                                                                    "publishes STATE/HOST_ID; the hub waits for it")
+                  ) -> None:
     """Write a Mosquitto configuration for one fleet in which a node's login may publish only on its own topics,
     only the hub may publish commands and hub state, and a device not enrolled yet may only ask to enroll. The hub
-    (with the printed settings) gives each node it accepts a login of its own, and disables it on revoke."""
+    (with the printed settings) gives each node it accepts a login of its own, and disables it on revoke. With
+    --sparkplug the hub may also publish as a Sparkplug edge node, and only the --sparkplug-host login may command
+    it."""
     try:
-        roles = FleetRoles(fleet)
+        roles = FleetRoles(fleet, sparkplug_access(fleet, sparkplug, sparkplug_group, sparkplug_node_id,
+                                                   sparkplug_host))
     except ProtocolError as exc:
         fail(f"--fleet: {exc}", 2)
     if port is not None and not 0 < port < 65536:
@@ -253,7 +330,7 @@ def broker_config(out: Path = typer.Option(..., "--out", help="Directory to writ
              f"empty --out", 2)
     user = mosquitto_user(layout)
     try:
-        write_config(layout, fleet, host, port, tls, plugin)
+        write_config(layout, roles, host, port, tls, plugin)
         if user is not None:
             for path in (layout.broker, *layout.broker.iterdir()):
                 os.chown(path, user.pw_uid, user.pw_gid)
@@ -268,7 +345,8 @@ def broker_config(out: Path = typer.Option(..., "--out", help="Directory to writ
         f"Wrote a least-privilege Mosquitto setup for fleet {fleet} in {out} (secrets mode 0600"
         f"{'; test certificates from a throwaway CA: ' + str(layout.ca) if tls else ''}).\n"
         f"Logins: {roles.hub_username} (the hub), {roles.admin_username} (the hub's login manager), "
-        f"{roles.enroll_username} (devices not enrolled yet); each accepted node gets its own.\n\n"
+        f"{roles.enroll_username} (devices not enrolled yet){_scada_login(roles, layout)}; each accepted node gets "
+        f"its own.\n{_sparkplug_note(roles)}\n"
         f"1. The broker{' (it runs as the mosquitto user, owner of ' + str(layout.broker) + ')' if user else ''}:\n"
         f"   {mosquitto} -c {q(str(layout.conf))}\n"
         f"2. The hub (its data in {layout.out / 'hub'}):\n   {fleetflow} hub run --config {q(str(layout.hub_toml))}\n"

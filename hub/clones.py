@@ -26,8 +26,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from protocols import Birth, Death, Message, Receiver, Replayed, cbor, envelope
+from protocols import Birth, Death, Message, Receiver, Replayed, UnknownKey, cbor, envelope
 from protocols.messages import decode_payload
+
+from .ingest.reorder import ArrivedLate, would_accept
 
 from .events import NodeConflict
 
@@ -65,15 +67,35 @@ class CloneWatch(Receiver):
         except Replayed:
             self._refused(data, now_ms)  # the signature was verified before the replay check refused it
             raise
+        self._note(message, data)
+        return message
+
+    def admit_verified(self, message: Message, kid: bytes, data: bytes, now_ms: int, late: bool = False) -> None:
+        """The rest of `receive` for a message an ingest worker opened (hub/ingest/): the key must still be trusted
+        (it may have been revoked meanwhile), then the replay check. `late`: the reorder buffer released it out of
+        order; it is never accepted, but a replay among such messages is refused and read as above."""
+        trusted = self.keyring.get(kid)
+        if trusted is None or trusted.owner != message.header.src:
+            raise UnknownKey(f"kid {kid.hex()} is no longer trusted for {message.header.src!r}")
+        try:
+            if late and would_accept(self.windows.get(message.header.src), message):
+                raise ArrivedLate(f"seq {message.header.seq} of boot {message.header.boot} arrived after later "
+                                  f"messages of its sender were applied")
+            self.admit(message)
+        except Replayed:
+            self._refused(data, now_ms)
+            raise
+        self._note(message, data, kid)
+
+    def _note(self, message: Message, data: bytes, kid: bytes | None = None) -> None:
         header = message.header
-        boot, first, kid = self.started.get(header.src, (-1, 0, b""))
+        boot, first, kid_seen = self.started.get(header.src, (-1, 0, b""))
         if header.boot > boot:  # once per boot: the kid tells a re-keyed node (it starts at boot 1) from a clone
-            self.started[header.src] = (header.boot, header.ts, envelope.parse(data, self.max_size).kid)
+            self.started[header.src] = (header.boot, header.ts, kid or envelope.parse(data, self.max_size).kid)
         elif header.boot == boot and header.ts < first:
-            self.started[header.src] = (boot, header.ts, kid)
+            self.started[header.src] = (boot, header.ts, kid_seen)
         if isinstance(message.body, Birth):
             self.births[header.src] = (header.boot, header.seq, hashlib.blake2b(data, digest_size=16).digest())
-        return message
 
     def _refused(self, data: bytes, now_ms: int) -> None:
         parsed = envelope.parse(data, self.max_size)

@@ -1,5 +1,6 @@
 """Hub commands: `fleetflow hub run|identity|rotate-key|rotate-token`, `schema workflow|policy`, `validate`; `register` adds them, with the
-client commands of hub/run_commands.py, hub/node_commands.py and hub/token_commands.py, the audit commands of
+client commands of hub/run_commands.py, hub/node_commands.py, hub/token_commands.py and hub/deployment_commands.py
+(`deploy`, `deployments`), the audit commands of
 hub/audit_commands.py and `broker config` (hub/broker_commands.py), to the root command. Rotations done here on the data directory are audited (hub/audit.py)."""
 
 from __future__ import annotations
@@ -127,7 +128,11 @@ def hub_run(broker: Optional[str] = typer.Option(
             broker_admin_file: Optional[Path] = typer.Option(
                 None, "--broker-admin-file", help="JSON login (mode 0600) of a Mosquitto dynamic-security admin: the "
                 "hub gives each node it accepts a broker login of its own and disables it on revoke "
-                "(fleetflow broker config writes it) [FLEETFLOW_BROKER_ADMIN_FILE]")
+                "(fleetflow broker config writes it) [FLEETFLOW_BROKER_ADMIN_FILE]"),
+            ingest_workers: Optional[int] = typer.Option(
+                None, "--ingest-workers", metavar="N", help="Verify and decode node messages in N processes on an MQTT "
+                "shared subscription (a broker that has them, e.g. Mosquitto 2; hub/ingest/README.md); 0: in this "
+                "process (default: 0) [FLEETFLOW_INGEST_WORKERS]")
             ) -> None:
     """Run the hub until SIGTERM or SIGINT. Every setting also comes from FLEETFLOW_<NAME> or the --config file
     (names as the flags, with underscores)."""
@@ -153,7 +158,8 @@ def hub_run(broker: Optional[str] = typer.Option(
              "node_metrics": node_metrics, "node_metrics_max": node_metrics_max, "sparkplug": sparkplug,
              "sparkplug_group": sparkplug_group, "sparkplug_host": sparkplug_host,
              "sparkplug_node_id": sparkplug_node_id, "sparkplug_deadband": sparkplug_deadband,
-             "sparkplug_commands": sparkplug_commands, "broker_admin_file": broker_admin_file}
+             "sparkplug_commands": sparkplug_commands, "broker_admin_file": broker_admin_file,
+             "ingest_workers": ingest_workers}
     try:
         settings = load_hub_settings({k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()},
                                      config_file)
@@ -380,3 +386,10 @@ def register(app: typer.Typer) -> None:
     from .broker_commands import broker_app
 
     app.add_typer(broker_app, name="broker")
+    from .artifacts.commands import artifacts_app
+
+    app.add_typer(artifacts_app, name="artifacts")
+    from .deployment_commands import deploy_command, deployments_app
+
+    app.command("deploy")(deploy_command)
+    app.add_typer(deployments_app, name="deployments")

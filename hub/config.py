@@ -46,6 +46,7 @@ DEFAULT_MIRROR_INTERVAL_S = 1.0   # JSON mirror: one update per node and topic p
 MAX_MIRROR_INTERVAL_S = 3600.0
 DEFAULT_NODE_METRICS_MAX = 1000  # nodes with per-node gauges (4 series each) at most
 DEFAULT_KEEPALIVE_S = 30  # as the agent's (agent/config.py)
+MAX_INGEST_WORKERS = 64  # processes on the shared subscription (hub/ingest/); more than the cores only adds switching
 
 
 def _api(value: Any, where: str) -> tuple[str, int]:
@@ -117,7 +118,7 @@ PARSERS: dict[str, Parser] = {
     "node_metrics_max": as_positive_int,
     "sparkplug": as_bool, "sparkplug_group": _sparkplug_id, "sparkplug_host": _sparkplug_id,
     "sparkplug_node_id": _sparkplug_id, "sparkplug_deadband": _deadband, "sparkplug_commands": as_bool,
-    "broker_admin_file": _broker_admin_file,
+    "broker_admin_file": _broker_admin_file, "ingest_workers": int_between(0, MAX_INGEST_WORKERS),
 }
 HUB_SETTINGS = SettingsSpec(
     PARSERS, required=("broker", "fleet", "data"),
@@ -164,6 +165,7 @@ class HubSettings:
     sparkplug_deadband: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_DEADBAND))
     sparkplug_commands: bool = False
     broker_admin_file: BrokerLogin | None = None  # read from the file: the login the hub manages node logins with
+    ingest_workers: int = 0
 
     def hub_config(self, policy: Policy) -> HubConfig:
         from .mirror import MirrorSettings
@@ -176,7 +178,7 @@ class HubSettings:
                          json_mirror=MirrorSettings(self.json_mirror_interval) if self.json_mirror else None,
                          node_metrics=self.node_metrics_max if self.node_metrics else 0,
                          sparkplug=self.sparkplug_settings(), broker_admin=self.broker_admin_file,
-                         keepalive=self.keepalive)
+                         keepalive=self.keepalive, ingest_workers=self.ingest_workers)
 
     def sparkplug_settings(self) -> SparkplugSettings | None:
         if not self.sparkplug:

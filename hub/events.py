@@ -139,6 +139,25 @@ class ReplayMarks(Event):
     windows: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class DeploymentCreated(Event):
+    """An operator asked for a deployment (hub/deployments/): `spec` is its checked request as plain data."""
+
+    KIND: ClassVar[str] = "deployment_created"
+    deployment: str = ""
+    spec: dict[str, Any] = field(default_factory=dict)
+    actor: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentControlled(Event):
+    KIND: ClassVar[str] = "deployment_controlled"
+    deployment: str = ""
+    action: str = ""                                      # pause, resume, cancel
+    force: bool = False                                   # cancel: end every execution at once, runs cancelled
+    reason: str = ""
+
+
 # -- decisions -----------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -232,11 +251,46 @@ class HubLoadChanged(Event):
     reason: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class DeploymentChanged(Event):
+    """A deployment's state as the core chose it: a round fired (`fired`, the fire time), a wave started, it paused
+    between waves, succeeded, aborted. `next_fire` is its next fire time after the change (None: none), so
+    schedules survive restarts as journaled times."""
+
+    KIND: ClassVar[str] = "deployment_changed"
+    deployment: str = ""
+    state: str = ""
+    reason: str = ""
+    wave: int | None = None                               # the current wave after the change (1-based)
+    fired: int | None = None
+    next_fire: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionChanged(Event):
+    """A node's execution of a deployment moved to `state`. `run`: the run it started (its first, a retry, or its
+    rollback); `version`: the component's version on the node after a terminal state; `wave` when it is queued;
+    `failure` (failed, timed_out, rejected) what ended it or started its rollback, for the abort criteria; `retry`:
+    a run started again uses one of its retries (a run lost with its node down is started again without)."""
+
+    KIND: ClassVar[str] = "execution_changed"
+    deployment: str = ""
+    node: str = ""
+    state: str = ""
+    reason: str = ""
+    run: str | None = None
+    version: str | None = None
+    wave: int | None = None
+    failure: str | None = None
+    retry: bool = False
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.KIND: cls for cls in (RunSubmitted, RunCancelRequested, NodeBorn, NodeSeen, NodeDied, NodeDrainSet,
                               NodeRemoved, StepReported, ResultReported, ReplayMarks, AttemptAssigned, AttemptLost,
                               StepUnrunnable, NodeSuspected, NodeFailed, RunTimedOut, HealthChanged, ActionTaken,
-                              BreakerChanged, HubLoadChanged, NodeConflict)
+                              BreakerChanged, HubLoadChanged, NodeConflict, DeploymentCreated, DeploymentControlled,
+                              DeploymentChanged, ExecutionChanged)
 }
 
 

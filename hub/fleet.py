@@ -89,6 +89,7 @@ class Node:
     migrations: list[int] = field(default_factory=list)   # times of recent migrations off this node
     history: list[dict[str, Any]] = field(default_factory=list)
     conflict: dict[str, Any] | None = None                 # two devices use this identity (hub/clones.py)
+    versions: dict[str, str] = field(default_factory=dict)  # component -> version its deployments left (inventory)
 
     def remember(self, entry: dict[str, Any]) -> None:
         self.history.append(entry)

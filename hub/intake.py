@@ -55,6 +55,7 @@ class Inbound:
     at: int          # arrival, ms since the epoch
     sender: str
     kind: str
+    opened: Any = None  # an ingest worker opened it (hub/ingest/): only the replay check is left
 
 
 class Intake:
@@ -88,8 +89,9 @@ class Intake:
 
     # -- screening and queueing ------------------------------------------------------------------------------------
 
-    def offer(self, topic: str, payload: bytes) -> bool:
-        """Screen and queue one message; False if it was refused or shed (and counted)."""
+    def offer(self, topic: str, payload: bytes, opened: Any = None, at: int | None = None) -> bool:
+        """Screen and queue one message; False if it was refused or shed (and counted). One an ingest worker
+        `opened` passed every check screening makes; `at`: when the worker received it."""
         if not topic.startswith(self.prefix):
             return False  # not ours to read (the broker only sends what the hub subscribed to)
         sender, _, kind = topic[len(self.prefix):].partition("/")
@@ -99,7 +101,8 @@ class Intake:
         try:
             # A node's kid is public, so births and deaths (one per session, and what liveness hangs on) are verified
             # here: forgeries never take the queue space of the real ones.
-            self.receiver.screen(topic, payload, verify=kind in ("birth", "death"))
+            if opened is None:
+                self.receiver.screen(topic, payload, verify=kind in ("birth", "death"))
         except ProtocolError as exc:
             self.refused[exc.reason] += 1
             self.log.warning(exc.reason, f"refused {exc.reason} at screening: {topic[:120]}: {exc}")
@@ -116,7 +119,7 @@ class Intake:
                 self._shed("tel", "displaced", displaced.topic)
         elif len(queue) >= (limits.enroll_total if lane == "enroll" else limits.state_total):
             return self._shed(kind, "queue-full", topic)
-        queue.append(Inbound(topic, payload, self.clock_ms(), sender, kind))
+        queue.append(Inbound(topic, payload, self.clock_ms() if at is None else at, sender, kind, opened))
         self._per_sender[(sender, kind)] += 1
         self.queued[kind] += 1
         self._ready.set()

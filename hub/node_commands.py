@@ -52,14 +52,14 @@ def _nodes_text(nodes: list[dict[str, Any]], wide: bool) -> str:
     now = now_ms()
     columns = ["id", "liveness", "health", "enrollment", "kid", "profile", "running", "last seen", "labels"]
     if wide:
-        columns += ["slots", "draining", "throttled", "breaker", "since", "caps"]
+        columns += ["slots", "draining", "throttled", "breaker", "since", "caps", "versions"]
     rows = []
     for n in nodes:
         row = [n["id"], n["liveness"], n["health"], n["enrollment"], n.get("kid"), n.get("profile"),
                len(n.get("running", [])), ago(n.get("last_seen"), now), _pairs(n["labels"])]
         if wide:
             row += [n.get("slots"), _yes(n.get("draining")), _yes(n.get("throttled")), n.get("breaker"),
-                    ago(n.get("changed_at"), now), ",".join(n.get("caps", []))]
+                    ago(n.get("changed_at"), now), ",".join(n.get("caps", [])), _versions(n.get("versions"))]
         rows.append(row)
     return table(columns, rows)
 
@@ -98,6 +98,7 @@ def _node_text(node: dict[str, Any], wide: bool) -> str:
         ("resources", ", ".join(f"{k} {v:g}" for k, v in sorted(node["resources"].items()))
          if node.get("resources") else None),
         ("slots", node.get("slots")),
+        ("versions", _versions(node.get("versions")) or None),
         ("running", ", ".join(node["running"]) if node.get("running") else ("none" if "running" in node else None)),
     ]
     beat = node.get("heartbeat")
@@ -120,6 +121,11 @@ def _node_text(node: dict[str, Any], wide: bool) -> str:
             lines.append(f"  {when(entry['at'], now)}  {what}" + (f": {entry['reason']}" if entry.get("reason")
                                                                    else ""))
     return "\n".join(lines)
+
+
+def _versions(versions: Optional[dict[str, str]]) -> str:
+    """What deployments left on the node (hub/deployments/): component@version, comma-separated."""
+    return ",".join(f"{component}@{version}" for component, version in sorted((versions or {}).items()))
 
 
 def _pairs(labels: dict[str, str]) -> str:

@@ -40,6 +40,15 @@ Reply = tuple[str, Any]  # (node id, message body) sealed for that node by `outg
 ProfileThresholds = Callable[[str], dict[str, dict[str, float]]]  # a firmware profile's thresholds, by profile name
 
 
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """A message an ingest worker verified and decoded, under the key `kid`; `late`: out of its sender's order."""
+
+    message: Message
+    kid: bytes
+    late: bool = False
+
+
 @dataclass
 class NodeView:
     """What the hub knows of a node beyond the journal: latest heartbeat and telemetry (not journaled)."""
@@ -119,6 +128,19 @@ class HubProtocol:
         except ProtocolError as exc:
             self.refused[exc.reason] += 1
             return Ingested(refused=exc)
+        return self._received(message, at, unapplied)
+
+    def receive_opened(self, opened: Opened, payload: bytes, at: int,
+                       unapplied: AbstractSet[str] = frozenset()) -> Ingested:
+        """One message an ingest worker opened (hub/ingest/): the replay check is left, here where the windows are."""
+        try:
+            self.receiver.admit_verified(opened.message, opened.kid, payload, at, opened.late)
+        except ProtocolError as exc:
+            self.refused[exc.reason] += 1
+            return Ingested(refused=exc)
+        return self._received(opened.message, at, unapplied)
+
+    def _received(self, message: Message, at: int, unapplied: AbstractSet[str]) -> Ingested:
         header, body = message.header, message.body
         node = header.src
         if isinstance(body, Enroll):

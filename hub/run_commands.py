@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -119,16 +120,22 @@ def run_list(state: Optional[str] = typer.Option(None, help="Only runs in this s
              token: Optional[str] = TokenOpt, token_file: Optional[Path] = TokenFileOpt,
              data: Optional[Path] = DataOpt) -> None:
     """List runs, newest first."""
-    fmt = output_format(output, as_json)
-    client = Client(hub, token_file, data)
+    show_or_watch(Client(hub, token_file, data), "/runs", output_format(output, as_json), _runs_text, watch_,
+                  watch_timeout, params={"state": state} if state else {})
 
+
+def show_or_watch(client: Client, path: str, fmt: Format, text: Callable[[Any, bool], str], watch_: bool,
+                  watch_timeout: Optional[float], params: Optional[dict[str, str]] = None,
+                  done: Optional[Callable[[Any], bool]] = None) -> None:
+    """Print what `GET path` answers; with --watch, again at every change until Ctrl-C or `done` (the list and
+    show commands of runs and deployments)."""
     def fetch() -> Any:
-        return client.call("GET", "/runs", params={"state": state} if state else {})
+        return client.call("GET", path, params=params or {})
 
     if watch_:
-        watch(fetch, fmt, _runs_text, timeout=watch_timeout)
+        watch(fetch, fmt, text, timeout=watch_timeout, done=done)
     else:
-        emit(fetch(), fmt, _runs_text)
+        emit(fetch(), fmt, text)
 
 
 def _runs_text(runs: list[dict[str, Any]], wide: bool) -> str:
@@ -154,16 +161,8 @@ def run_show(run_id: str, as_json: bool = JsonOpt, output: Optional[Format] = Ou
     """Show a run: its steps, where and in which attempt each ran, outputs, errors, and why a step waits.
 
     With --watch it ends by itself once the run has ended."""
-    fmt = output_format(output, as_json)
-    client = Client(hub, token_file, data)
-
-    def fetch() -> Any:
-        return client.call("GET", f"/runs/{run_id}")
-
-    if watch_:
-        watch(fetch, fmt, _run_text, timeout=watch_timeout, done=lambda run: run["state"] in TERMINAL)
-    else:
-        emit(fetch(), fmt, _run_text)
+    show_or_watch(Client(hub, token_file, data), f"/runs/{run_id}", output_format(output, as_json), _run_text, watch_,
+                  watch_timeout, done=lambda run: run["state"] in TERMINAL)
 
 
 def _run_text(run: dict[str, Any], wide: bool) -> str:

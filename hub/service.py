@@ -33,11 +33,14 @@ from agent.runtime.transport import (BrokerSettings, MqttTransport, Session, Tra
 from protocols import HUB_ID, Keyring, Outgoing, ReplayWindow, Signer
 
 from . import __version__
+from .artifacts import ArtifactStore, resolve_artifacts
 from .clones import CloneWatch, report_conflicts
-from .errors import HubTaskFailed, InternalError, NotFound, OperatorError, Unprocessable
+from .deployments.model import DeploymentSpec
+from .errors import Conflict, HubTaskFailed, InternalError, NotFound, OperatorError, Unprocessable
 from .eventlog import apply_logged
 from .events import Event, HubLoadChanged, ResultReported, RunCancelRequested, RunSubmitted
 from .health import HealthTracker, LoadMonitor, Policy
+from .ingest.workers import IngestWorkers
 from .intake import Inbound, Intake
 from .journal import Journal, Mark
 from .keys import ApiTokens, HubKeys, ensure_token, follow_rotation
@@ -51,6 +54,7 @@ from .registry import DEFAULT_MAX_PENDING, DEFAULT_TOKEN_USES, Registry
 from .runnable import workflow_problems
 from .sparkplug import NoBridge, SparkplugSettings, bridge_for
 from .state import Command, Core, compile_workflow
+from .ui.feed import LiveFeed
 from .workflow import Workflow, WorkflowError
 
 log = logging.getLogger("fleetflow.hub")
@@ -95,6 +99,7 @@ class HubConfig:
     node_metrics: int = 0  # per-node telemetry gauges for at most this many nodes; 0: none (hub/metrics.py)
     broker_admin: BrokerLogin | None = None  # gives accepted nodes broker logins of their own (hub/broker_acl.py)
     keepalive: int = 30  # s, of every MQTT session the hub opens; the broker gives up on a silent one after 1.5 x
+    ingest_workers: int = 0  # processes that verify and decode node messages on a shared subscription (hub/ingest/)
 
     def broker_settings(self) -> BrokerSettings:
         """One shape for the broker connection: the hub's session, the Sparkplug and JSON mirror sessions."""
@@ -139,6 +144,7 @@ class Hub:
         self.load = LoadMonitor(config.policy.self_protection)
         self._profile_thresholds: dict[str, dict[str, dict[str, float]]] = {}
         self.tokens = ApiTokens(data)  # api.token, and the previous one during a rotation's overlap
+        self.artifacts = ArtifactStore(data / "artifacts", lambda: self.key)  # signed with the current key
         keyring = Keyring(self.registry.accepted_keys())
         # The receiver also reads what its replay check refuses: two devices with one identity (hub/clones.py).
         receiver = CloneWatch(config.fleet, keyring, windows=self._restore_windows())
@@ -153,11 +159,13 @@ class Hub:
                                                     read_burst=READ_BURST, on_backlog=self.intake.note_backlog)
         self.metrics = HubMetrics(self)
         self.metrics.rejected = self.protocol.refused  # counted where refused
+        self.ingest = IngestWorkers(self, config.ingest_workers)  # does nothing unless --ingest-workers
         self.mirror = JsonMirror(self, config.json_mirror)  # does nothing unless --json-mirror
         self.sparkplug = bridge_for(self, config.sparkplug)  # a NoBridge, doing nothing, unless --sparkplug
         self.broker_clients = BrokerClients(self, config.broker_admin)  # does nothing unless --broker-admin-file
         # What follows the hub's applied events and verified node messages, on the core loop (never blocking).
-        self.observers: tuple[JsonMirror | NoBridge, ...] = (self.mirror, self.sparkplug)
+        self.feed = LiveFeed(self)  # the dashboard's live stream and telemetry history (hub/ui/)
+        self.observers: tuple[JsonMirror | NoBridge | LiveFeed, ...] = (self.mirror, self.sparkplug, self.feed)
         self.requests: collections.deque[_Request] = collections.deque()
         self.session: Session | None = None
         self._stop = asyncio.Event()
@@ -261,7 +269,9 @@ class Hub:
 
                 # Bound before the broker is tried: a port in use stops the start, rather than leave a hub with no API.
                 tasks.append(self._crash_only("API", serve(self, self._listen())))
+                tasks.append(self._crash_only("live feed", self.feed.run(self._stop)))
             tasks.append(self._crash_only("core loop", self._core_loop()))
+            tasks.append(self._crash_only("ingest workers", self.ingest.run(self._stop)))
             tasks.append(self._crash_only("load monitor", self._monitor_load()))
             tasks.append(self._crash_only("clone reports", report_conflicts(self, self.clones)))
             tasks.append(self._crash_only("JSON mirror", self.mirror.run(self._stop)))
@@ -302,8 +312,9 @@ class Hub:
             raise self.failure
 
     async def _session(self, session: Session) -> None:
-        for kind in NODE_KINDS_READ:
+        for kind in NODE_KINDS_READ if not self.ingest.count else ():  # else the workers read them
             await session.subscribe(f"fleetflow/v1/{self.config.fleet}/node/+/{kind}", qos=1)
+        await self.ingest.ready(self._stop)
         # Every node that sees this (a newer hub state) publishes a birth: the hub may have missed births while it
         # was away, or the nodes reconnected to a restarted broker before it did.
         await self._publish_state(session, True)
@@ -340,7 +351,7 @@ class Hub:
     async def _core_loop(self) -> None:
         while True:
             if not self.requests:
-                await self.intake.wait(TICK_S)
+                await self.intake.wait(min(TICK_S, max(0.0, (self.core.deploys.wake_at - self.clock()) / 1000)))
             batch: list[Inbound | _Request] = []
             while self.requests and len(batch) < BATCH // 4:
                 batch.append(self.requests.popleft())
@@ -465,7 +476,8 @@ class Hub:
         return not behind
 
     def _ingest(self, item: Inbound, out: _BatchOut) -> tuple[Event, ...]:
-        got = self.protocol.receive(item.topic, item.payload, item.at, out.born)
+        got = (self.protocol.receive(item.topic, item.payload, item.at, out.born) if item.opened is None
+               else self.protocol.receive_opened(item.opened, item.payload, item.at, out.born))
         if got.message is None:
             exc = got.refused
             if exc is not None:  # counted by the protocol
@@ -541,10 +553,16 @@ class Hub:
             resolved = workflow.resolve_inputs(inputs)
         except WorkflowError as exc:
             raise Unprocessable(str(exc)) from None
-        spec = workflow.model_dump(by_alias=True, mode="json")
-        # A step whose assignment can never be sent is refused now rather than retried forever. The check encodes
-        # what the core will send (the workflow as journaled), off the event loop: a large `with` takes a while.
-        problems = await asyncio.to_thread(lambda: workflow_problems(compile_workflow(spec)))
+        def checked() -> tuple[dict[str, Any], list[str]]:
+            # artifact.install steps carry the signed manifest of the NAME@VERSION they name (hub/artifacts/).
+            spec = resolve_artifacts(workflow.model_dump(by_alias=True, mode="json"), self.artifacts)
+            # A step whose assignment can never be sent is refused now rather than retried forever. The check
+            # encodes what the core will send (the workflow as journaled): a large `with` takes a while.
+            return spec, workflow_problems(compile_workflow(spec))
+
+        # Off the event loop, in one trip to a worker thread: each trip costs a wake-up of the loop and, under
+        # load, a wait for the GIL (bench/dispatch.py), on the way of every submission to its first assignment.
+        spec, problems = await asyncio.to_thread(checked)
         if problems:
             raise Unprocessable("; ".join(problems[:10]))
         run_id = f"r-{uuid.uuid4().hex[:12]}"
@@ -557,6 +575,27 @@ class Hub:
         if run_id not in self.core.runs and run_id not in self.core.archived:
             raise NotFound(f"no run {run_id!r}")
         await self.request([RunCancelRequested(self.clock(), run_id, reason, force_fail)])
+
+    async def deploy(self, spec: DeploymentSpec, actor: str) -> str:
+        """Journal a checked deployment request (hub/deployments/model.py's DeploymentSpec); the core rolls it out.
+        Its artifact.install steps get their signed manifests, and every step must fit the wire, as at submit."""
+        from .deployments.core import deployable
+        from .events import DeploymentCreated
+
+        spec = await asyncio.to_thread(deployable, spec, lambda wf: resolve_artifacts(wf, self.artifacts))
+        dep_id = f"d-{uuid.uuid4().hex[:10]}"
+        await self.request([DeploymentCreated(self.clock(), dep_id, spec.record(), actor)])
+        return dep_id
+
+    async def control_deployment(self, dep_id: str, action: str, force: bool, reason: str) -> None:
+        from .deployments.core import control_problem
+        from .events import DeploymentControlled
+
+        dep = self.core.deploys.deployments.get(dep_id)
+        problem = f"no deployment {dep_id!r}" if dep is None else control_problem(dep, action, force)
+        if problem is not None:
+            raise (NotFound if dep is None else Conflict)(problem)
+        await self.request([DeploymentControlled(self.clock(), dep_id, action, force, reason)])
 
     async def node_action(self, node_id: str, action: str, on: bool = True, kid: str | None = None) -> dict[str, Any]:
         return await self.admin.action(node_id, action, on, kid)  # hub/node_admin.py

@@ -21,7 +21,7 @@ from .transitions import AttemptState, Breaker, Health, Liveness, RunState, Step
 if TYPE_CHECKING:
     from .state import Core
 
-VERSION = 2  # 1 was a pickle of the Core object
+VERSION = 3  # 1 was a pickle of the Core object; 3 adds deployments and each node's versions
 
 _ATTEMPT = ("id", "run", "step", "fence", "node", "state", "assigned_at", "started_at", "ended_at", "reason")
 _STEP = ("id", "kind", "state", "attempts", "failures", "refusals", "unanswered", "ready_at", "output", "error", "node",
@@ -30,7 +30,7 @@ _RUN = ("id", "inputs", "submitted_at", "deadline", "key", "seq", "state", "erro
         "migrations")
 _NODE = ("id", "boot", "profile", "labels", "slots", "resources", "hb", "state", "last_seen", "draining", "removed",
          "changed_at", "health", "tel", "throttled", "breaker", "breaker_at", "failures", "probe_successes",
-         "probe_failed", "migrations", "history", "conflict")
+         "probe_failed", "migrations", "history", "conflict", "versions")
 _STATES = frozenset({"state", "health", "breaker"})  # StrEnums, written as their plain strings
 
 
@@ -72,6 +72,7 @@ def dump(core: Core) -> dict[str, Any]:
         "breaker_watch": sorted(fleet.breaker_watch),
         "nodes": [{**_plain(n, _NODE), "caps": sorted(n.caps), "attempts": sorted(n.attempts)}
                   for n in fleet.nodes.values()],
+        "deployments": core.deploys.dump(),  # hub/deployments/core.py writes its own half
     }
 
 
@@ -125,6 +126,7 @@ def _restore(core: Core, data: dict[str, Any]) -> None:
     work.archived = {run_id: (name, version, RunState(state), submitted, finished, error)
                      for run_id, name, version, state, submitted, finished, error in data["archived"]}
     work.queue = {(run_id, step_id): None for run_id, step_id in data["queue"]}
+    core.deploys.load(data["deployments"])  # after the nodes: executions read their inventory
 
 
 def _step_of(run: Run, raw: dict[str, Any]) -> StepRun:

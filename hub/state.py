@@ -1,9 +1,11 @@
 """The hub's pure core: `Core.apply(event) -> commands` folds journaled events into state; `Core.decide(now)`
 returns the decisions (placements, timeouts, liveness changes) the shell journals and applies next.
 
-No I/O and no clock reads: time comes from events and from the `now` passed to `decide`. The core is two halves,
-runs (hub/runs.py: runs, steps, attempts, the placement queue) and the fleet (hub/fleet.py: nodes, liveness,
-health, breakers), whose states move only through the tables of hub/transitions.py. This module composes them and
+No I/O and no clock reads: time comes from events and from the `now` passed to `decide`. The core is three halves
+(thirds, strictly): runs (hub/runs.py: runs, steps, attempts, the placement queue), the fleet (hub/fleet.py: nodes,
+liveness, health, breakers), whose states move only through the tables of hub/transitions.py, and deployments
+(hub/deployments/: rollouts of a versioned workflow node by node, which start and read runs and keep each node's
+versions, with their own tables in hub/deployments/machine.py). This module composes them and
 holds the rules that touch both: a node going down loses its attempts, a migration moves them, a birth names stale
 ones, a result counts toward its node's breaker. Commands (assign, cancel) are what the shell must send after the
 event is durable; on replay they are dropped. `to_snapshot`/`from_snapshot` convert the state to and from plain data
@@ -15,7 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, overload
 
-from .events import (ActionTaken, AttemptAssigned, AttemptLost, BreakerChanged, Event, HealthChanged, HubLoadChanged,
+from .deployments.core import Deployments
+from .events import (ActionTaken, AttemptAssigned, AttemptLost, BreakerChanged, DeploymentChanged,
+                     DeploymentControlled, DeploymentCreated, Event, ExecutionChanged, HealthChanged, HubLoadChanged,
                      NodeBorn, NodeConflict, NodeDied, NodeDrainSet, NodeFailed, NodeRemoved, NodeSeen, NodeSuspected,
                      ReplayMarks, ResultReported, RunCancelRequested, RunSubmitted, RunTimedOut, StepReported,
                      StepUnrunnable)
@@ -60,9 +64,9 @@ class _Held(Generic[T]):
 
 
 class Core:
-    """The two halves, `work` (hub/runs.py) and `fleet` (hub/fleet.py), and what belongs to the fold itself (`seq`,
-    `windows`, `loaded_at`). The attributes below live in a half and are read and written through here, so the shell,
-    the scheduler and the API keep asking one object."""
+    """The halves, `work` (hub/runs.py), `fleet` (hub/fleet.py) and `deploys` (hub/deployments/), and what belongs
+    to the fold itself (`seq`, `windows`, `loaded_at`). The attributes below live in a half and are read and written
+    through here, so the shell, the scheduler and the API keep asking one object."""
 
     runs: _Held[dict[str, Run]] = _Held("work")
     attempts: _Held[dict[str, Attempt]] = _Held("work")
@@ -83,10 +87,11 @@ class Core:
     def __init__(self, policy: Policy | None = None) -> None:
         self.fleet = Fleet(policy or Policy())
         self.work = Runs(self.fleet.nodes)
+        self.deploys = Deployments(self.fleet.nodes, self.work)  # the third half (hub/deployments/)
         self.seq = 0                                   # events applied
         self.windows: dict[str, dict[str, Any]] = {}   # the replay windows journaled last (ReplayMarks)
         self.loaded_at = 0                             # not journaled: when the hub could last hear nodes again
-        work, fleet = self.work, self.fleet
+        work, fleet, deploys = self.work, self.fleet, self.deploys
         self._handlers: dict[type[Event], Callable[[Any], list[Command]]] = {
             RunSubmitted: self._on_run_submitted,
             RunCancelRequested: work.on_run_cancel_requested,
@@ -98,7 +103,7 @@ class Core:
             StepUnrunnable: work.on_step_unrunnable,
             NodeBorn: self._on_node_born,
             NodeSeen: fleet.on_node_seen,
-            NodeSuspected: fleet.on_node_suspected,
+            NodeSuspected: self._on_node_suspected,
             NodeFailed: self._on_node_failed,
             NodeDied: self._on_node_died,
             NodeRemoved: self._on_node_removed,
@@ -109,6 +114,10 @@ class Core:
             ActionTaken: self._on_action_taken,
             BreakerChanged: fleet.on_breaker_changed,
             HubLoadChanged: fleet.on_hub_load_changed,
+            DeploymentCreated: deploys.on_deployment_created,
+            DeploymentControlled: deploys.on_deployment_controlled,
+            DeploymentChanged: deploys.on_deployment_changed,
+            ExecutionChanged: deploys.on_execution_changed,
         }
 
     # -- the fold ------------------------------------------------------------------------------------------------
@@ -165,8 +174,15 @@ class Core:
 
     def _on_node_born(self, ev: NodeBorn) -> list[Command]:
         self.fleet.on_node_born(ev)
+        self.deploys.node_changed(ev.node)  # its labels may now match (or no longer match) a deployment's target
         stale = tuple(ref for ref in ev.running if self.current(ref.attempt, ev.node, ref.fence) is None)
         return [SendCancel(ev.node, stale, STALE)] if stale else []
+
+    def _on_node_suspected(self, ev: NodeSuspected) -> list[Command]:
+        node = self.nodes.get(ev.node)
+        if node is not None and node.state == Liveness.ONLINE:
+            self.deploys.node_left_online(ev.node, ev.at)
+        return self.fleet.on_node_suspected(ev)
 
     def _on_node_failed(self, ev: NodeFailed) -> list[Command]:
         node = self.nodes.get(ev.node)
@@ -190,12 +206,14 @@ class Core:
                     if node.state != Liveness.FAILED else [])
         if ev.forget:
             self.fleet.forget(ev.node)
+        self.deploys.node_changed(ev.node)
         return commands
 
     def _take_down(self, node: Node, trigger: NodeTrigger, reason: str, at: int) -> list[Command]:
         """The node is gone: its attempts are lost. Migratable ones, and ones that never started, go elsewhere at
         once; the others count as a failed attempt under their retry policy."""
         self.fleet.take_down(node, trigger, reason, at)
+        self.deploys.node_left_online(node.id, at)  # a verify window it is in saw an outage
         commands: list[Command] = []
         for attempt_id in sorted(node.attempts, key=lambda a: self.attempts[a].fence):
             attempt = self.attempts[attempt_id]
@@ -223,7 +241,8 @@ class Core:
             step = run.steps[attempt.step]
             if not step.spec.migratable:
                 continue
-            if len(node.migrations) >= limits.max_migrations_per_node or run.migrations >= limits.max_migrations_per_run:
+            if (len(node.migrations) >= limits.max_migrations_per_node
+                    or run.migrations >= limits.max_migrations_per_run):
                 node.remember({"at": ev.at, "kind": "action", "action": "migrate-skipped",
                                "reason": f"limit reached for {attempt_id} (node or run migration limit)"})
                 continue
@@ -241,15 +260,19 @@ class Core:
     # -- decisions -----------------------------------------------------------------------------------------------
 
     def decide(self, now: int, placement_limit: int = 1000, timers: bool = True, liveness: bool = True) -> list[Event]:
-        """Everything due at `now`: liveness changes, lost attempts, run deadlines, breakers, then placements.
+        """Everything due at `now`: liveness changes, lost attempts, run deadlines, breakers, deployments (fire
+        times, executions' outcomes and deadlines, aborts, waves, starts), then placements.
 
         Timers scan every node and live attempt; a caller deciding after every small batch may pass `timers=False`
-        for most calls (the hub scans at most every 100 ms: timer precision, not correctness)."""
+        for most calls (the hub scans at most every 100 ms: timer precision, not correctness). Deployments are also
+        asked between scans when they say they are due (`deploys.wake_at`: a rate's next start)."""
         from .scheduler import place
 
         out: list[Event] = []
         if timers:
             out.extend(self._timers(now, liveness))
+        if timers or now >= self.deploys.wake_at:
+            out.extend(self.deploys.decide(now, full=timers, liveness=liveness, heard_since=self.loaded_at))
         if not out:
             out.extend(place(self, now, placement_limit))
         return out

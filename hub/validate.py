@@ -39,7 +39,10 @@ if TYPE_CHECKING:
     from .health import Policy
 
 BUILTIN_EXECUTORS = frozenset({"noop", "sleep", "echo", "fail"})
-GATED_EXECUTORS = frozenset({"shell", "python"})
+# Executors an agent runs only when its config enables them, each with the config table that does.
+GATED_TABLES = {"shell": "shell", "python": "python", "artifact.install": "artifacts", "artifact.rollback": "artifacts",
+                "service.restart": "service", "health.check": "health"}
+GATED_EXECUTORS = frozenset(GATED_TABLES)
 MAX_MARKINGS = 10_000
 # An inventory may be the whole fleet's `nodes list --json` (with each node's history): larger than a workflow.
 INVENTORY_LIMITS = Limits(workflow_bytes=32 << 20, nodes=5_000_000)
@@ -174,7 +177,8 @@ def check_placement(workflow: Workflow, targets: list[Target], report: Report, i
             report.facts.setdefault("placement", {})[step.id] = [t.name for t in fitting]
         elif inventory and step.uses in GATED_EXECUTORS and not any(step.uses in t.caps for t in targets):
             report.error(f"step {step.id!r}: no node in the inventory enables {step.uses!r} (enable it in the "
-                         f"agent's config, [{step.uses}] enabled = true, and list {step.uses!r} in the node's caps)",
+                         f"agent's config, [{GATED_TABLES[step.uses]}] enabled = true, and list {step.uses!r} in the "
+                         f"node's caps)",
                          ("steps", i, "uses"))
         else:
             report.error(f"step {step.id!r}: no known profile or node can run it (selector, executor "

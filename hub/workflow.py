@@ -139,12 +139,24 @@ class Workflow(_Model):
     steps: list[Step] = Field(min_length=1, description="the steps; order does not matter, needs do")
     timeout: float | None = Field(None, gt=0, description="deadline for the whole run, seconds")
     priority: int = Field(0, description="higher is placed first (with each step's placement.priority)")
+    migrates_from: list[str] = Field(
+        default_factory=list, description="deployments: the versions a node may move from to this one across a minor "
+                                          "or major change, as specifier sets such as \">=1.2,<2\" (a patch needs none)")
 
     @field_validator("version")
     @classmethod
     def _semver(cls, value: str) -> str:
         if not SEMVER.match(value):
             raise ValueError(f"version {value!r} is not semantic (MAJOR.MINOR.PATCH)")
+        return value
+
+    @field_validator("migrates_from")
+    @classmethod
+    def _specifiers(cls, value: list[str]) -> list[str]:
+        from .deployments.versions import parse_specifiers
+
+        for text in value:
+            parse_specifiers(text)  # a VersionError is a ValueError: reported with the field's path and line
         return value
 
     @model_validator(mode="wrap")

@@ -185,6 +185,14 @@ class Receiver:
 
     def receive(self, topic: str, data: bytes, now_ms: int) -> Message:
         """Open, verify and check one message; raises a `RemoteProtocolError` subclass when it must be dropped."""
+        message = self.open(topic, data, now_ms)
+        if not topic.endswith("/enroll"):
+            self.admit(message)
+        return message
+
+    def open(self, topic: str, data: bytes, now_ms: int) -> Message:
+        """Every check of `receive` but the replay check: what can run in parallel, away from the windows (the hub's
+        ingest workers, hub/ingest/). `admit` is the rest, once per message, in the sender's order."""
         parsed = envelope.parse(data, self.max_size)
         if topic.endswith("/enroll"):
             return self._receive_enroll(topic, parsed)
@@ -202,6 +210,11 @@ class Receiver:
                 raise WrongTarget(f"command for node {header.dst!r}, this is {self.node_id!r}")
             if header.exp is not None and now_ms > header.exp:
                 raise Expired(f"command expired {now_ms - header.exp} ms ago")
+        return message
+
+    def admit(self, message: Message) -> None:
+        """The replay check of an opened message, which moves its sender's window (raises `Replayed`)."""
+        header = message.header
         window = self.windows.get(header.src)
         if window is None:
             window = self.windows[header.src] = ReplayWindow()
@@ -209,7 +222,6 @@ class Receiver:
             window.accept_death(header.boot)
         else:
             window.accept(header.boot, header.seq)
-        return message
 
     def screen(self, topic: str, data: bytes, verify: bool = False) -> None:
         """The cheap checks of section 4 (size, envelope structure, a trusted kid that belongs to the node the topic

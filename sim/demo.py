@@ -1,8 +1,9 @@
 """`fleetflow demo`: an embedded amqtt broker (a child process: sim/broker.py), a hub with auto-accept in this process,
-simulated devices, the sample workflows and a fault timeline (a board overheats while it runs a long migratable step;
-once the step has moved, three idle devices lose power; then, while devices run steps, the broker restarts, unless
---no-broker-restart), driven like `fleetflow sim` by sim/driver.py and judged by the history checker. Exit 0 when it
-passes. Every wait is bounded: the demo ends, and says what it waited for, whatever the broker does.
+simulated devices, the sample workflows, batch jobs that keep devices at work, and a fault timeline (a board overheats
+while it runs a long migratable step; once the step has moved, three devices lose power while they run steps; then,
+while devices run steps, the broker restarts, unless --no-broker-restart), driven like `fleetflow sim` by
+sim/driver.py and judged by the history checker. Exit 0 when it passes. Every wait is bounded: the demo ends, and says
+what it waited for, whatever the broker does.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from .driver import Driver
 from .faults import (
     AllOf,
     BrokerRestart,
+    Busy,
     Heat,
-    IdleDevices,
     Kill,
     KillsLanded,
+    RunEnded,
     RunningStep,
     Scheduled,
     StepMigrated,
@@ -40,11 +42,16 @@ from .faults import (
 )
 from .hub_api import HubApi, WaitTimeout
 from .orchestra import Orchestra, plan
-from .scenario import Scenario, StepMigratedOff, Submission
+from .scenario import Scenario, StepMigratedOff, Submission, Workload
 
 DEMO_MIX = {"rpi4": 35, "gateway": 25, "ipc": 15, "jetson": 10, "container": 15}
 FLEET = "demo"
 HUB_STOP_S = 15.0
+POWER_CUTS = 3
+# Batch jobs (a 5 s crunch each) submitted per second, whatever the fleet's size, for WORK_S seconds after the
+# scenario's runs: several devices are at work whenever a power cut or the broker restart comes.
+WORK_RUNS_PER_S = 1.0
+WORK_S = 20.0
 
 
 def free_port() -> int:
@@ -53,22 +60,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def demo_scenario(restart_broker: bool, timeout: float) -> Scenario:
+def demo_scenario(restart_broker: bool, timeout: float, devices: int) -> Scenario:
     inference = RunningStep("thermal", "inference")
     timeline = [
         Scheduled(Heat(inference, temp=95.0), wait_s=60),
         # One fault at a time: the migration is watched for before power cuts and the broker restart shake the
-        # fleet, so each outcome has a single cause.
-        Scheduled(Kill(IdleDevices(3, ("rpi4", "container", "jetson")), label="power cut"),
-                  after=StepMigrated("thermal", "inference"), wait_s=30),
+        # fleet, so each outcome has a single cause. The power cuts wait for the rolling update to end too: its
+        # for_each pins a step to every gateway, and a step pinned to a device without power can only fail.
+        Scheduled(Kill(Busy(POWER_CUTS), label="power cut"),
+                  after=AllOf((StepMigrated("thermal", "inference"), RunEnded("update"))), wait_s=30),
     ]
     if restart_broker:  # while devices are at work: their sessions break mid-step
         timeline.append(Scheduled(BrokerRestart(down_s=2.0), after=AllOf((KillsLanded(), Working(1))), wait_s=20))
     monitoring = tuple(Submission(f"monitoring-{i}", "temperature_monitoring.yaml") for i in range(5))
     return Scenario("demo", (*monitoring, Submission("update", "rolling_update.yaml"),
                              Submission("thermal", "thermal_runaway.yaml")),
-                    tuple(timeline), boot_deadline_s=90, end_deadline_s=timeout, settle_s=1.5, refresh_s=0.5,
-                    expectations=(StepMigratedOff("thermal runaway ended in migration", inference),))
+                    tuple(timeline), duration_s=WORK_S, boot_deadline_s=90, end_deadline_s=timeout, settle_s=1.5,
+                    refresh_s=0.5, expectations=(StepMigratedOff("thermal runaway ended in migration", inference),),
+                    workload=Workload(60 * WORK_RUNS_PER_S / devices, (Submission("batch", "batch_job.yaml"),)))
 
 
 async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -102,7 +111,7 @@ async def demo(devices: int, broker: str | None, keep_running: bool, seed: int, 
         orchestra = Orchestra(broker, FLEET, hub.public_key.hex(), work, plan(devices, DEMO_MIX), procs=2, seed=seed,
                               heartbeat=2.0, telemetry=1.0)
         async with Driver(api, orchestra, console, seed, work / "hub" / JOURNAL_FILE, broker=embedded) as driver:
-            outcome = await driver.run(demo_scenario(restart_broker and embedded is not None, timeout))
+            outcome = await driver.run(demo_scenario(restart_broker and embedded is not None, timeout, devices))
             # Plain lines after the table: they must not wrap, scripts read them.
             console.print("faults applied: " + "; ".join(outcome.faults), soft_wrap=True)
             if outcome.on_running_work:

@@ -236,7 +236,8 @@ class Driver:
         keys = node_keys(root, nodes)
         keys[HUB_ID] = bytes.fromhex(self.orchestra.hub_key)
         killed = self.orchestra.killed
-        faults = FaultLog(list(self.ctx.messages), killed, self.orchestra.partitioned, set(killed))
+        faults = FaultLog(list(self.ctx.messages), killed, self.orchestra.partitioned, set(killed),
+                          anywhere=any(entry.startswith("broker restarted") for entry in self.ctx.applied))
         return Evidence(recording.epoch_ms, keys, recording.records, [], events,
                         {node: found.entries for node, found in outboxes.items()}, list(self.expected), None,
                         end=end, expected={run: s.expect for run, s in self.expected.items()},

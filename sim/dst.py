@@ -44,7 +44,7 @@ from hub.state import RUN_TERMINAL, Core
 from hub.workflow import workflow_from_data
 
 from . import virtual_time
-from .evidence import Evidence, read_outboxes
+from .evidence import Evidence, FaultLog, read_outboxes
 from .history import Violation, check, render
 from .inprocess import EPOCH_MS, STEADY, memory_hub, unmeasured_policy, virtual_clock_ms
 from .virtual_time import Owner, kill, spawn
@@ -504,7 +504,7 @@ class World:
                         [run_id for _, run_id, _ in self.plan.runs], self.final_core, self.options.core_class,
                         self.quiet_end, self.finished_at,
                         expected={run_id: EXPECTED.get(kind, SUCCEEDS) for run_id, kind in kinds.items()},
-                        labels=kinds, marks=marks,
+                        labels=kinds, marks=marks, faults=FaultLog(anywhere=True),  # its faults reach any agent
                         fences={node: found.fences for node, found in outboxes.items()},
                         committed=self.broker.committed)
 

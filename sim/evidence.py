@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from protocols.messages import decode_payload
 
 from .recorder import Gap
 
+OUTBOX_FILE = "outbox.sqlite"  # in an agent's data directory (agent/node.py)
 SETTLE_S = 20.0  # what was sent or stored this close to the end may still be on its way (resent after 15 s)
 StepKey = tuple[str, str]  # (run, step)
 
@@ -53,6 +54,9 @@ class FaultLog:
     killed: dict[str, int] = field(default_factory=dict)       # node -> ms its power was cut
     partitioned: dict[str, int] = field(default_factory=dict)  # node -> ms its partition began
     down_at_end: set[str] = field(default_factory=set)         # powered off for good: their outboxes may keep entries
+    # A fault that could end any device's attempts (a broker restart, the deterministic simulation's lossy network and
+    # random agent crashes): the checker then cannot excuse a lost attempt by its node's name alone.
+    anywhere: bool = False
 
 
 @dataclass
@@ -165,13 +169,13 @@ def read_outbox(path: Path) -> OutboxFile:
 
 
 def read_outboxes(root: Path, nodes: Iterable[str]) -> dict[str, OutboxFile]:
-    """Each node's outbox under `root/{node}/outbox.sqlite`; a node that never wrote one has none."""
-    found = {}
-    for node in nodes:
-        path = root / node / "outbox.sqlite"
-        if path.is_file():
-            found[node] = read_outbox(path)
-    return found
+    """Each node's outbox under `root/{node}/`; a node that never wrote one has none."""
+    return outboxes_in({node: root / node for node in nodes})
+
+
+def outboxes_in(data_dirs: Mapping[str, Path]) -> dict[str, OutboxFile]:
+    """Each node's outbox in its agent's data directory (node -> directory); a node that never wrote one has none."""
+    return {node: read_outbox(data / OUTBOX_FILE) for node, data in data_dirs.items() if (data / OUTBOX_FILE).is_file()}
 
 
 def node_keys(root: Path, nodes: Iterable[str]) -> dict[str, bytes]:

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import aiomqtt
 import nacl.signing
 
+from hub.transitions import RUN_TERMINAL
 from protocols import Heartbeat, Signer, StepResult
 
 from .evidence import Injected, claimed
@@ -45,12 +46,14 @@ class FaultContext:
     broker: BrokerControl | None = None
     runs: dict[str, str] = field(default_factory=dict)      # a submission's label -> its run id
     down: set[str] = field(default_factory=set)             # taken off the network: random picks skip them
-    hit: set[str] = field(default_factory=set)              # any fault landed on them: idle picks skip them
     kills_sent: set[str] = field(default_factory=set)
     resolved: dict[Target, tuple[str, ...]] = field(default_factory=dict)
     applied: list[str] = field(default_factory=list)        # what `faults applied` says, in order
     messages: list[Injected] = field(default_factory=list)  # forged or replayed messages a rogue device sent
     on_work: list[str] = field(default_factory=list)        # fleet-wide faults that found devices running steps
+    at_work: dict[str, float] = field(default_factory=dict)  # device -> since when (clock) it is seen running steps
+    watched_at: float = float("-inf")                         # when `at_work` was last brought up to date
+    clock: Callable[[], float] = time.monotonic
 
     @property
     def injected(self) -> int:
@@ -79,11 +82,14 @@ class FaultContext:
         self.resolved[target] = nodes
         for node in nodes:
             await self.orchestra.fault(node, command)
-        self.hit.update(nodes)
         if takes_down:
             self.down.update(nodes)
         self.applied.append(describe(nodes))
         return nodes
+
+
+REPORT_S = 1.0  # the simulator workers report which devices run steps this often (sim/worker.py)
+STEADY_S = 1.5  # a device at work this long, over two of its reports, runs a step that is still going
 
 
 # -- targets: resolve to device ids when the fault is applied, or to None while there is nothing to aim at yet -------
@@ -129,41 +135,31 @@ class RunningStep:
 
 
 @dataclass(frozen=True)
-class IdleDevices:
-    """`count` online devices of the given profiles that run nothing and no fault touched yet, at random."""
-
-    count: int
-    profiles: tuple[str, ...]
-
-    async def resolve(self, ctx: FaultContext) -> tuple[str, ...]:
-        mine = set(ctx.devices)
-        candidates = sorted(n["id"] for n in await ctx.api.get("/nodes")
-                            if n["id"] in mine and n["id"] not in ctx.hit and n.get("profile") in self.profiles
-                            and n["liveness"] == "online" and not n.get("running"))
-        return tuple(ctx.rng.sample(candidates, k=min(self.count, len(candidates))))
-
-    def __str__(self) -> str:
-        return f"{self.count} idle {'/'.join(self.profiles)} devices"
-
-
-@dataclass(frozen=True)
 class Busy:
-    """`count` devices running steps right now, as the devices themselves report it (not the hub), none a fault
-    took off the network; resolves once that many are at work, so the fault lands on work in progress."""
+    """`count` devices running steps, as the devices themselves report it (not the hub), none a fault took off the
+    network; resolves once that many are at work, so the fault lands on work in progress. Only devices seen at work
+    for STEADY_S are picked: the devices report once a second, and one seen busy once may have run a step of a few
+    milliseconds that ended before the fault lands; one busy over two reports runs long work."""
 
     count: int = 1
 
     async def resolve(self, ctx: FaultContext) -> tuple[str, ...] | None:
-        busy = sorted(set(ctx.orchestra.busy) - ctx.down)
-        if len(busy) < self.count:
+        now = ctx.clock()
+        # Watched without a pause longer than a report, so a device kept is one never seen idle in between.
+        watched = ctx.at_work if now - ctx.watched_at <= REPORT_S else {}
+        busy = set(ctx.orchestra.busy) - ctx.down
+        ctx.at_work = {node: watched.get(node, now) for node in sorted(busy)}  # those that stopped start over
+        ctx.watched_at = now
+        steady = [node for node, since in ctx.at_work.items() if now - since >= STEADY_S]
+        if len(steady) < self.count:
             return None
-        return tuple(ctx.rng.sample(busy, k=self.count))
+        return tuple(ctx.rng.sample(steady, k=self.count))
 
     def __str__(self) -> str:
         return f"{self.count} device{'s' if self.count != 1 else ''} running steps"
 
 
-Target = Pick | RunningStep | IdleDevices | Busy
+Target = Pick | RunningStep | Busy
 
 
 def migrated(attempt: dict[str, Any]) -> bool:
@@ -343,8 +339,23 @@ class Working:
 
 
 @dataclass(frozen=True)
+class RunEnded:
+    """The run submitted as `run` is over, however it ended."""
+
+    run: str
+
+    async def holds(self, ctx: FaultContext) -> bool:
+        if self.run not in ctx.runs:
+            return False
+        return (await ctx.api.get(f"/runs/{ctx.runs[self.run]}")).get("state") in RUN_TERMINAL
+
+    def __str__(self) -> str:
+        return f"{self.run} to end"
+
+
+@dataclass(frozen=True)
 class AllOf:
-    gates: tuple[StepMigrated | KillsLanded | Working, ...]
+    gates: tuple[StepMigrated | KillsLanded | Working | RunEnded, ...]
 
     async def holds(self, ctx: FaultContext) -> bool:
         return all([await gate.holds(ctx) for gate in self.gates])
@@ -353,7 +364,7 @@ class AllOf:
         return " and ".join(str(gate) for gate in self.gates)
 
 
-Gate = StepMigrated | KillsLanded | Working | AllOf
+Gate = StepMigrated | KillsLanded | Working | RunEnded | AllOf
 
 
 @dataclass(frozen=True)

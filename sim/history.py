@@ -43,7 +43,7 @@ from protocols import Assign
 
 from .acceptance import detections, refusals, wire_verifies
 from .delivery import acked_journaled, outboxes_drained, results_journaled
-from .evidence import Evidence
+from .evidence import Evidence, FaultLog
 from .history_lines import render
 from .verdict import TITLES, Verdict, Violation
 from .wire_view import WireView, refs
@@ -173,19 +173,22 @@ def _failed_steps(core: Core, run_id: str) -> str:
 INTERRUPTED = "interrupted: the agent stopped"
 
 
-def _spent_by_faults(core: Core, run_id: str) -> bool:
+def _spent_by_faults(core: Core, run_id: str, faults: FaultLog) -> bool:
     """A run that should succeed may fail when the faults took every attempt its retries allowed: each failed step
-    has attempts, and every one of them was lost or interrupted. A step that failed on its own result, or without an
-    attempt, is not explained by the faults."""
+    has attempts, and every one of them was lost or interrupted on a device a fault hit (killed or cut off; any device
+    when a fault could reach them all). A step that failed on its own result, without an attempt, or on a device no
+    fault touched, is not explained by the faults."""
     run = core.runs.get(run_id)
     if run is None:
         return False
+    hit = set(faults.killed) | set(faults.partitioned)
     # A for_each parent fails with its instances: the instances' attempts tell.
     failed = [step for step in run.steps.values() if step.state == "failed" and not step.instances]
     for step in failed:
         attempts = [core.attempts.get(a) for a in step.attempts]
         if not attempts or any(a is None or not (a.state == "lost" or a.state == "failed" and
-                                                 (a.reason or "").startswith(INTERRUPTED)) for a in attempts):
+                                                 (a.reason or "").startswith(INTERRUPTED))
+                               or not (faults.anywhere or a.node in hit) for a in attempts):
             return False
     return bool(failed)
 
@@ -195,7 +198,7 @@ def _runs_expected(evidence: Evidence, core: Core, verdict: Verdict) -> None:
     for run_id, states in sorted(evidence.expected.items()):
         state = _run_state(core, run_id)
         if state in RUN_TERMINAL and str(state) not in states:
-            if state == "failed" and "succeeded" in states and _spent_by_faults(core, run_id):
+            if state == "failed" and "succeeded" in states and _spent_by_faults(core, run_id, evidence.faults):
                 spent += 1
                 continue
             problems.append(f"{evidence.run_name(run_id)} {state}, expected {'/'.join(sorted(states))}: "

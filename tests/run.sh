@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The README's test command: installs what the tests need (Mosquitto, a venv with fleetflow[all]), runs every test.
-# Extra arguments go to pytest, e.g. `bash tests/run.sh tests/unit -x`.
+# The README's test command: installs what the tests need (Mosquitto, Chromium, a venv with fleetflow[all]), runs
+# every test. Extra arguments go to pytest, e.g. `bash tests/run.sh tests/unit -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-  echo "installing mosquitto (integration tests run a real broker)"
-  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null
-  else sudo apt-get update -qq && sudo apt-get install -y -qq mosquitto >/dev/null; fi
+if { ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; } || [ ! -x /usr/bin/chromium ]; then
+  # integration tests run a real broker; the dashboard's tests a real browser (Playwright drives this chromium)
+  echo "installing mosquitto and chromium"
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq mosquitto chromium >/dev/null
+  else sudo apt-get update -qq && sudo apt-get install -y -qq mosquitto chromium >/dev/null; fi
 fi
 export PATH="$PATH:/usr/sbin"
 

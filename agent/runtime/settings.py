@@ -4,7 +4,6 @@ Every error names the setting and where its value came from (a file's line too).
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import tomllib
@@ -201,6 +200,8 @@ def _from_file(spec: SettingsSpec, path: Path) -> dict[str, tuple[Any, str]]:
         elif key in spec.parsers:
             out[key] = value, at(key)
         else:
+            import difflib  # only a wrong key needs it: kept out of the idle agent's memory
+
             close = difflib.get_close_matches(key, spec.parsers, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(spec.parsers))}"
             raise ConfigError(f"{at(key)}: unknown setting {key!r} ({hint})")

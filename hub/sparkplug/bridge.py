@@ -2,6 +2,11 @@
 NDEATH, so the Sparkplug session lives and dies by the specification's rules whatever the fleetflow session does; the
 bdSeq file; the views of fleetflow nodes it feeds the edge node; the drain actions DCMDs ask for; metrics and logs.
 
+A host's command the bridge acts on (a DCMD drain or undrain, an NCMD rebirth) is an operator action like one through
+the API, and is audited like one (hub/audit.py): who is `sparkplug` (`sparkplug:HOST` with a primary host), since the
+broker login that may publish on the command topics is the only authentication a Sparkplug message has; from where is
+`mqtt:` and the topic it came on. Refused commands are counted, not audited.
+
 The hub calls `applied(events)` after each batch it applied and `node_message(node, body)` for each verified node
 message; both only mark nodes to look at again. The bridge's own task reads those nodes from the core and publishes,
 so the core loop never waits on this broker connection. Every publish goes through one queue, in the order the edge
@@ -26,7 +31,10 @@ from agent.runtime.transport import MqttTransport, Session, TransportError, Will
 from protocols import Telemetry
 
 from .. import __version__
+from ..audit import AuditError, AuditLog, Record
+from ..errors import OperatorError, Unavailable
 from ..events import AttemptLost, Event
+from ..tokens import OPERATOR
 from agent.runtime.storage import write_private
 from .codec import REASONS, finite
 from .edge import (BORN, CLOSING, OFFLINE, WAITING, DeviceView, DrainRequest, EdgeConfig, EdgeNode, Output, Publish,
@@ -45,6 +53,8 @@ FLEET_EVERY_S = 1.0     # the Edge Node's own metrics (node counts, runs, queue)
 RESYNC_EVERY_S = 60.0   # and every device is compared again: a safety net for a change no event names
 GOODBYE_S = 2.0         # a stopping hub waits this long at most for its NDEATH to reach the broker
 ACTION_TIMEOUT_S = 10.0
+AUDIT_WHO = "sparkplug"
+DONE = 200  # the status an action that was done is audited with, as the API would answer it
 
 
 class BdSeqFile:
@@ -82,6 +92,8 @@ class SparkplugBridge(NoBridge):
                                         dict(settings.deadband), settings.commands))
         self.transport = MqttTransport(config.broker_settings())
         self.bd_seq = BdSeqFile(Path(config.data) / BD_SEQ_FILE)
+        self.audit = AuditLog(Path(config.data), lambda: hub.key)  # signed with the hub's current key, as the API's
+        self.who = f"{AUDIT_WHO}:{settings.host}" if settings.host is not None else AUDIT_WHO
         self.log = ThrottledLog(log)
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
@@ -199,8 +211,10 @@ class SparkplugBridge(NoBridge):
                 out = self.edge.received(topic, payload, self.hub.clock())
                 self._emit(out)
                 self._wake.set()
+                if out.rebirth:
+                    await self._record("sparkplug.rebirth", self.edge.config.node_id, topic, DONE, {})
                 for request in out.actions:
-                    await self._drain_node(request)
+                    await self._drain_node(request, topic)
                 await asyncio.sleep(0)  # a flood of commands takes turns with the hub's own work on the loop
         finally:
             self._wake.set()  # the writer notices a lost connection at once
@@ -256,15 +270,28 @@ class SparkplugBridge(NoBridge):
                 "nodes_suspected": states["suspected"], "nodes_failed": states["failed"],
                 "nodes_offline": states["offline"], "runs_active": len(core.active), "steps_queued": len(core.queue)}
 
-    async def _drain_node(self, request: DrainRequest) -> None:
-        """A DCMD's Device Control/Drain: the same action as `fleetflow nodes drain` (journaled, sent to the node);
-        the DDATA that reports it follows from the event, like any other change."""
-        from ..errors import OperatorError
-
+    async def _drain_node(self, request: DrainRequest, topic: str) -> None:
+        """A DCMD's Device Control/Drain: the same action as `fleetflow nodes drain` (journaled, sent to the node),
+        audited as `node.drain` with the status it ended in; the DDATA that reports it follows from the event, like
+        any other change."""
         log.info("sparkplug: DCMD Device Control/Drain=%s for node %s", str(request.on).lower(), request.node)
+        status = DONE
+        params: dict[str, Any] = {"on": request.on}
         try:
             await asyncio.wait_for(self.hub.node_action(request.node, "drain", request.on), ACTION_TIMEOUT_S)
         except OperatorError as exc:
             log.warning("sparkplug: DCMD drain of node %s not done: %s", request.node, exc)
+            status, params["error"] = exc.status, str(exc)
         except asyncio.TimeoutError:
             log.warning("sparkplug: DCMD drain of node %s not done within %g s", request.node, ACTION_TIMEOUT_S)
+            status, params["error"] = Unavailable.status, f"not done within {ACTION_TIMEOUT_S:g} s"
+        await self._record("node.drain", request.node, topic, status, params)
+
+    async def _record(self, action: str, target: str, topic: str, status: int, params: dict[str, Any]) -> None:
+        """Audit a host's command the bridge acted on. The entry is fsync'd: in a worker thread, as the API's are, so
+        the event loop (the core loop's too) never waits on the disk; this reader does, one command at a time."""
+        record = Record(self.hub.clock(), self.who, OPERATOR, action, target, f"mqtt:{topic}", status, params)
+        try:
+            await asyncio.to_thread(self.audit.append, record)
+        except (OSError, AuditError) as exc:  # the action stands either way, as through the API
+            log.error("audit log: cannot record %s %s by %s: %s", action, target, self.who, exc)

@@ -28,8 +28,8 @@ from protocols import FleetflowError
 from . import sparkplug_b_pb2 as pb
 from .codec import (BAD_STATE, COMMANDS_DISABLED, READ_ONLY, UNKNOWN_DEVICE, UNKNOWN_METRIC, MetricSpec, Refused,
                     Value, boolean_of, decode, encode, metric, with_properties)
+from .settings import NAMESPACE, sparkplug_topic, state_topic
 
-NAMESPACE = "spBv1.0"
 BD_SEQ = "bdSeq"
 REBIRTH = "Node Control/Rebirth"
 ALIAS_STRIDE = 256  # device aliases are slot * 256 + metric number: unique across the Edge Node by construction
@@ -106,6 +106,7 @@ class Output:
     actions: list[DrainRequest] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
     disconnect: bool = False  # the session must end (after `publish` is out): the caller disconnects, reconnects
+    rebirth: bool = False     # an NCMD rebirth request was answered (its births are in `publish`): an operator action
 
 
 @dataclass(frozen=True)
@@ -176,14 +177,13 @@ class EdgeNode:
     # -- topics ----------------------------------------------------------------------------------------------------
 
     def topic(self, kind: str, device: str | None = None) -> str:
-        base = f"{NAMESPACE}/{self.config.group}/{kind}/{self.config.node_id}"
-        return base if device is None else f"{base}/{device}"
+        return sparkplug_topic(self.config.group, kind, self.config.node_id, device)
 
     def subscriptions(self) -> list[str]:
         """NCMD (rebirth requests) and DCMD, and the primary host's STATE: all before the NBIRTH, at QoS 1."""
         topics = [self.topic("NCMD"), self.topic("DCMD", "+")]
         if self.config.host is not None:
-            topics.append(f"{NAMESPACE}/STATE/{self.config.host}")
+            topics.append(state_topic(self.config.host))
         return topics
 
     # -- the session -----------------------------------------------------------------------------------------------
@@ -299,7 +299,9 @@ class EdgeNode:
             else:
                 raise Refused(UNKNOWN_METRIC, f"NCMD names an unknown metric {name or f'alias {command.alias}'!r}")
         if rebirth and self.state == BORN:
-            return self._births(now)
+            out = self._births(now)
+            out.rebirth = True
+            return out
         return Output()  # a rebirth before the births (waiting for the host) is answered by those births
 
     def _dcmd(self, device_id: str, data: bytes) -> Output:

@@ -18,6 +18,10 @@ DEFAULT_DEADBAND: Mapping[str, float] = {"cpu": 2.0, "mem": 1.0, "disk": 1.0, "t
 MAX_ID_CHARS = 128
 # The specification reserves these in group, edge node and device ids (they are MQTT topic levels and wildcards).
 RESERVED = frozenset("+/#")
+NAMESPACE = "spBv1.0"
+# What an edge node publishes about itself and about its devices; hosts write NCMD and DCMD to it.
+NODE_KINDS = ("NBIRTH", "NDATA", "NDEATH")
+DEVICE_KINDS = ("DBIRTH", "DDATA", "DDEATH")
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,18 @@ class SparkplugSettings:
     host: str | None = None             # a primary host application to wait for (its STATE), or none
     deadband: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_DEADBAND))
     commands: bool = False              # act on DCMD writes (Device Control/Drain); refused while False
+
+
+def sparkplug_topic(group: str, kind: str, edge_node: str, device: str | None = None) -> str:
+    """`spBv1.0/GROUP/KIND/EDGE_NODE[/DEVICE]`: the edge node's topics (and topic filters, with `+` as the device),
+    for the bridge and for the broker's ACLs alike."""
+    base = f"{NAMESPACE}/{group}/{kind}/{edge_node}"
+    return base if device is None else f"{base}/{device}"
+
+
+def state_topic(host: str) -> str:
+    """Where a host application publishes its STATE (retained, and its Will)."""
+    return f"{NAMESPACE}/STATE/{host}"
 
 
 def check_sparkplug_id(value: Any) -> str:

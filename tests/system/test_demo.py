@@ -1,5 +1,5 @@
-"""`fleetflow demo`, shortened, runs to completion with the history checker passing: its embedded broker restarted
-while devices run steps, by default, and every wait bounded."""
+"""`fleetflow demo`, shortened, runs to completion with the history checker passing: power cuts on devices running
+steps, its embedded broker restarted while devices run steps, by default, and every wait bounded."""
 
 from __future__ import annotations
 
@@ -23,6 +23,11 @@ def test_demo_runs_restarts_its_broker_and_the_checker_passes() -> None:
         assert f"PASS  {check}" in out.stdout, check
     assert re.search(r"^checker: PASS \((\d+)/\1 checks\)$", out.stdout, re.MULTILINE), out.stdout[-2000:]
     assert "faults applied: " in out.stdout and "power cut: " in out.stdout and "overheats" in out.stdout
+    # The power cuts land on devices while they run steps, and the report names the attempts they cut short.
+    running_work = re.search(r"^faults on running work: (.*)$", out.stdout, re.MULTILINE)
+    assert running_work and re.search(r"kill \S+ while it ran a\d+", running_work.group(1)), out.stdout[-2000:]
+    # Strict: no run that should have succeeded is excused as one whose every attempt the faults took.
+    assert "failed only because the faults" not in out.stdout, out.stdout[-2000:]
     assert "broker restarted after 2 s" in out.stdout and "stopping the simulated devices took" not in out.stdout
     # what the checker judged stays in the work directory: the wire recording and the journal export
     work = Path(re.search(r"work directory: (\S+)", out.stdout).group(1))  # type: ignore[union-attr]

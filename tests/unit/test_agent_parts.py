@@ -108,7 +108,8 @@ def test_outbox_keeps_events_sheds_telemetry_and_survives_reopen(tmp_path: Path)
 
 def test_dangerous_executors_are_off_by_default() -> None:
     enabled, disabled = build_executors(ExecutorPolicy())
-    assert {"noop", "sleep", "echo", "fail"} == set(enabled) and disabled == {"shell", "python"}
+    assert {"noop", "sleep", "echo", "fail"} == set(enabled)
+    assert disabled == {"shell", "python", "artifact.install", "artifact.rollback", "service.restart", "health.check"}
 
 
 def test_sleep_rejects_bad_input() -> None:

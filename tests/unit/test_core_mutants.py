@@ -75,7 +75,8 @@ def test_a_refusal_backs_off_avoids_the_node_and_fails_the_step_at_the_limit(mon
     d.feed(StepReported(d.now, "n2", second.attempt, second.fence, "refused", "unknown-executor"))
     assert step.avoid["n2"] == d.now + 10 * hub.runs.AVOID_AFTER_REFUSAL_MS  # a node that cannot run it: far longer
     assert (step.state, d.core.counters.refusals) == ("failed", 2)
-    assert d.core.runs["r1"].error == "refused 2 times (last: unknown-executor)"
+    assert (d.core.runs["r1"].error, d.core.runs["r1"].finished_at) == ("refused 2 times (last: unknown-executor)",
+                                                                        d.now)
 
 
 def test_every_report_for_a_stale_attempt_is_counted_and_answered_with_a_cancel() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import json
 import threading
 import time
 from pathlib import Path
@@ -118,7 +119,8 @@ def test_a_seed_that_raises_fails_alone_and_the_summary_still_prints(monkeypatch
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == ("seed 2: raised: SimulationStalled: nothing is ready and no timer is set  rerun: "
                         "python bench/dst.py --seed 2 --history")
-    assert lines[-1].startswith("3 seeds, 1 failures, ") and len(lines) == 2
+    assert lines[-2].startswith("3 seeds, 1 failures, ") and len(lines) == 3
+    assert json.loads(lines[-1])["failures"] == 1  # the same summary for bench/run_all.py
 
 
 def test_a_seed_that_never_ends_fails_after_its_wall_clock_bound(monkeypatch: pytest.MonkeyPatch,
@@ -147,7 +149,7 @@ def test_a_seed_that_never_ends_fails_after_its_wall_clock_bound(monkeypatch: py
     for seed in (1, 2):
         assert lines[seed - 1] == (f"seed {seed}: raised: OutOfTime: no end after 1 s of wall-clock time  rerun: "
                                    f"python bench/dst.py --seed {seed} --history")
-    assert lines[-1].startswith("2 seeds, 2 failures, ")
+    assert lines[-2].startswith("2 seeds, 2 failures, ") and json.loads(lines[-1])["failures"] == 2
 
 
 class TracedCore(Core):

@@ -181,6 +181,24 @@ def test_a_history_where_every_run_failed_fails() -> None:
                 f"{node} failed (boom)") in found["runs-expected"]
 
 
+def test_a_run_whose_attempt_was_lost_is_excused_only_where_a_fault_struck() -> None:
+    """The run's one attempt is lost on n1 and the run fails. That is the faults' doing only if a fault hit n1 (or
+    could hit every device); a lost attempt on a device no fault touched is a hub defect the checker must name."""
+    history = History()
+    history.boot("n1", "n2")
+    history.submit("r1", 1.0)
+    history.assign("r1", "a1", 1, "n1", 2.0)
+    history.log(AttemptLost(ms(5), "a1", "node n1 failed: heartbeats stopped", counts=True))
+    found = failed(judge(history.evidence()))
+    assert set(found) == {"runs-expected"}, found
+    assert "r1 failed, expected succeeded" in found["runs-expected"]
+    for faults in (FaultLog(killed={"n1": ms(4)}), FaultLog(partitioned={"n1": ms(4)}), FaultLog(anywhere=True)):
+        verdict = judge(history.evidence(faults=faults))
+        assert "runs-expected" not in failed(verdict), failed(verdict)
+        assert "1 failed only because the faults took every attempt" in verdict.render()
+    assert "runs-expected" in failed(judge(history.evidence(faults=FaultLog(killed={"n2": ms(4)}))))
+
+
 class SecondSuccessCore(Core):
     """Planted bug: a late successful result from an attempt the hub moved away from is taken as a success too."""
 

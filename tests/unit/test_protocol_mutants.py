@@ -1,6 +1,6 @@
 """The wire protocol's rules that mutation testing found unpinned (bench/RESULTS.md, "Mutation testing"): the replay
 window against a model, windows restored from older records, the envelope as another COSE encoder lays it out, the
-receiver's cheap screening, and the decoder profile in every thread."""
+receiver's cheap screening, the decoder profile in every thread, topic filters, and the payload header's fast path."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocols import (BODY_TYPES, Drain, Heartbeat, HubState, Keyring, LocalProtocolError, Malformed, Receiver,
-                       Replayed, ReplayWindow, Signer, TooLarge, UnknownKey, WrongSender, WrongTopic, body_from_map,
-                       body_to_map, cbor, envelope, open_envelope)
+from protocols import (Drain, Heartbeat, HubState, Keyring, LocalProtocolError, Malformed, Receiver, Replayed,
+                       ReplayWindow, Signer, TooLarge, UnknownKey, WrongSender, WrongTopic, body_from_map, body_to_map,
+                       cbor, envelope, open_envelope)
 from protocols.enrollment import enroll_proof
+from protocols.messages import UINT_MAX
 from protocols.topics import Topic, TopicFilter
 
 NOW = 1_700_000_000_000
@@ -141,6 +142,12 @@ def test_a_filter_longer_than_the_topic_does_not_match() -> None:
     assert not TopicFilter("fleetflow/v1/f/node/+/hb").matches("fleetflow/v1/f/node")
     assert not TopicFilter("fleetflow/v1/f/node/n1/hb").matches("fleetflow/v1/f/node")
     assert TopicFilter("fleetflow/v1/f/#").matches("fleetflow/v1/f")  # '#' also matches its parent level
+
+
+@pytest.mark.parametrize("value", ["fleetflow/v1/f/node/n+/hb", "fleetflow/v1/+f/#", "a/b/+/c+"])
+def test_a_plus_inside_a_level_of_our_own_filter_is_refused(value: str) -> None:
+    with pytest.raises(LocalProtocolError, match="'\\+' must be a whole level"):
+        TopicFilter(value)
 
 
 @pytest.mark.parametrize("make, says", [
@@ -345,3 +352,23 @@ def test_receive_applies_the_receivers_size_limit_and_screening_lets_enroll_requ
     assert not is_valid_id(5) and not is_valid_id(b"n1")
     fresh = f"id-{uuid.uuid4().hex}"  # never seen by the id cache, in this process or the one it was forked from
     assert is_valid_id(fresh) and is_valid_id(fresh)
+
+
+# -- the payload header's fast path -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("boot, seq, ts", [(0, 0, 0), (UINT_MAX, UINT_MAX, UINT_MAX)])
+def test_every_valid_event_header_is_checked_in_one_expression(monkeypatch: Any, boot: int, seq: int,
+                                                               ts: int) -> None:
+    """Every message a receiver opens goes through the header check. The field-by-field loop behind it exists to
+    name the bad field; a valid node header, at either end of every range, must never need it (a fast path that
+    silently stopped matching would cost every message its speed and no answer would change)."""
+    from protocols import messages
+
+    def full_path(value: Any) -> Any:
+        raise AssertionError(f"a valid header took the field-by-field path ({value!r})")
+
+    payload = {"v": messages.PROTOCOL_VERSION, "type": "hb", "fleet": "f", "src": "n1", "boot": boot, "seq": seq,
+               "ts": ts}
+    expected = messages.decode_header(payload)
+    monkeypatch.setattr(messages, "_HEADER_FIELDS", tuple((key, full_path) for key, _ in messages._HEADER_FIELDS))
+    assert messages.decode_header(payload) == expected == messages.Header("hb", "f", "n1", boot, seq, ts)

@@ -25,7 +25,7 @@ from hub.workflow import WorkflowError
 from protocols import FleetflowError
 from sim.driver import Census, _read_files, fleet_table
 from sim.fault_file import load_faults, parse_faults
-from sim.faults import (BrokerRestart, FaultContext, Flap, Heat, IdleDevices, Kill, KillsLanded, Partition, Pick, Rogue,
+from sim.faults import (BrokerRestart, Busy, FaultContext, Flap, Heat, Kill, KillsLanded, Partition, Pick, Rogue, RunEnded,
                         RunningStep, Scheduled, Skew, Slow, Spike, StepMigrated, needs_relay)
 from sim.hub_api import (READS_PER_ROUND, HubApi, RunStates, WaitTimeout, lag_p99, messages_total, refused_total,
                          wait_until)
@@ -95,6 +95,7 @@ class RecordingOrchestra(Orchestra):
                          [{"node_id": d, "profile": "rpi4"} for d in DEVICES])
         self.sent: list[tuple[str, dict[str, Any]]] = []
         self.cut: dict[str, int] = {}
+        self.at_work: set[str] = set()  # what the workers' reports say is running steps
 
     async def fault(self, node: str, command: dict[str, Any]) -> None:
         self.sent.append((node, command))
@@ -102,6 +103,10 @@ class RecordingOrchestra(Orchestra):
     @property
     def killed(self) -> dict[str, int]:
         return dict(self.cut)
+
+    @property
+    def busy(self) -> set[str]:
+        return set(self.at_work)
 
 
 class FakeHub:
@@ -182,22 +187,37 @@ def test_aimed_faults_wait_for_their_target(fleet: tuple[FaultContext, Recording
         assert not await StepMigrated("thermal", "infer").holds(ctx)
         hub.step(("d-1", "lost", "migrated: d-1 unhealthy"), ("d-4", "running", None))
         assert await StepMigrated("thermal", "infer").holds(ctx)
-        hub.answers["/nodes"] = [
-            {"id": "d-0", "liveness": "online", "profile": "rpi4", "running": []},
-            {"id": "d-1", "liveness": "online", "profile": "rpi4", "running": []},             # the heated one
-            {"id": "d-2", "liveness": "online", "profile": "gateway", "running": []},          # another profile
-            {"id": "d-3", "liveness": "failed", "profile": "rpi4", "running": []},             # down
-            {"id": "d-4", "liveness": "online", "profile": "rpi4", "running": ["a1"]},         # busy
-            {"id": "d-5", "liveness": "online", "profile": "jetson", "running": []},
-            {"id": "other", "liveness": "online", "profile": "rpi4", "running": []}]           # not simulated here
-        assert await Kill(IdleDevices(3, ("rpi4", "jetson")), label="power cut").apply(ctx)
+        assert not await RunEnded("thermal").holds(ctx)
+        hub.answers["/runs/r1"]["state"] = "succeeded"
+        assert await RunEnded("thermal").holds(ctx) and not await RunEnded("never submitted").holds(ctx)
+        # Power cuts land on devices at work, as the devices report it, seen so over two of their reports.
+        cut = Kill(Busy(2), label="power cut")
+        orchestra.at_work = {"d-0", "d-2", "d-4"}
+        assert not await cut.apply(ctx)                     # just seen: perhaps a step of a few ms
+        now[0] += 1.0
+        orchestra.at_work = {"d-0", "d-4", "d-5"}           # d-2 stopped; d-5 started
+        assert not await cut.apply(ctx)
+        now[0] += 1.0
+        assert not await cut.apply(ctx)                     # only d-0 long enough (d-4 was taken down)
+        now[0] += 5.0                                       # a pause: what was seen before counts no more
+        orchestra.at_work = {"d-0", "d-2", "d-5"}
+        assert not await cut.apply(ctx)
+        now[0] += 0.8
+        assert not await cut.apply(ctx)
+        now[0] += 0.8
+        assert await cut.apply(ctx)
         assert not await KillsLanded().holds(ctx)
-        orchestra.cut = {"d-0": 1, "d-5": 1}
+        orchestra.cut = {"d-0": 1, "d-5": 1, "d-2": 1}
         assert await KillsLanded().holds(ctx)
 
+    now = [0.0]
+    ctx.clock = lambda: now[0]
+    ctx.down.add("d-4")
     asyncio.run(scenario())
     assert orchestra.sent[0] == ("d-1", {"cmd": "heat", "temp": 95})
-    assert ctx.applied == ["d-1 overheats (95 C)", "power cut: d-0, d-5"]
+    cut_off = [node for node, command in orchestra.sent if command == {"cmd": "kill"}]
+    assert len(set(cut_off)) == 2 and set(cut_off) <= {"d-0", "d-2", "d-5"}
+    assert ctx.applied == ["d-1 overheats (95 C)", f"power cut: {', '.join(cut_off)}"]
 
 
 def test_the_broker_restart_says_what_it_did(fleet: tuple[FaultContext, RecordingOrchestra, FakeHub]) -> None:

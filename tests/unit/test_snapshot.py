@@ -16,6 +16,7 @@ from hub.events import (ActionTaken, Event, HealthChanged, HubLoadChanged, NodeC
                         RunSubmitted, StepReported)
 from hub.health import Breaker, Policy
 from hub.journal import Journal, JournalError, SnapshotError
+from hub.snapshot import VERSION
 from hub.state import Core, SendAssign
 from tests.unit.test_hub_core import Driver, spec
 
@@ -104,7 +105,7 @@ def plain_only(value: Any, where: str = "snapshot") -> None:
 def test_a_round_trip_gives_the_same_core_and_the_same_decisions(monkeypatch: pytest.MonkeyPatch) -> None:
     d = busy(monkeypatch)
     data = d.core.to_snapshot()
-    assert data["version"] == 2
+    assert data["version"] == VERSION
     plain_only(data)
     restored = Core.from_snapshot(cbor2.loads(cbor2.dumps(data)), POLICY)
     assert restored.to_snapshot() == data
@@ -122,7 +123,7 @@ def test_a_round_trip_gives_the_same_core_and_the_same_decisions(monkeypatch: py
 @pytest.mark.parametrize("version", [1, 99, None])
 def test_a_snapshot_of_another_version_is_refused(version: int | None) -> None:
     data = {**Core().to_snapshot(), "version": version}
-    with pytest.raises(SnapshotError, match=f"snapshot version {version!r}: this hub reads version 2"):
+    with pytest.raises(SnapshotError, match=f"snapshot version {version!r}: this hub reads version {VERSION}"):
         Core.from_snapshot(data)
     assert issubclass(SnapshotError, JournalError)
 
@@ -148,7 +149,7 @@ def test_snapshot_plus_tail_of_a_busy_journal_equals_a_full_replay(tmp_path: Pat
     journal = journal_of(tmp_path, events[:half])
     journal.snapshot(journal.load())
     journal.append_now(events[half:])
-    assert journal._db.execute("SELECT format FROM snapshots").fetchall() == [(2,)]
+    assert journal._db.execute("SELECT format FROM snapshots").fetchall() == [(VERSION,)]
     loaded = journal.load()
     assert loaded.to_snapshot() == Core().fold(events).to_snapshot()
 
@@ -170,9 +171,9 @@ def test_the_journal_replays_instead_of_using_an_old_or_unknown_snapshot(tmp_pat
     journal = journal_of(tmp_path, events)
     marker = tmp_path / "unpickled"
     newer = cbor2.dumps({**journal.load().to_snapshot(), "version": 99})
-    rows = [(len(events), 2, newer),                                          # a version this hub does not read
+    rows = [(len(events), VERSION, newer),                                    # a version this hub does not read
             (len(events) - 1, 1, pickle.dumps(_Trap(marker), protocol=pickle.HIGHEST_PROTOCOL)),  # the old format
-            (len(events) - 2, 2, pickle.dumps(_Trap(marker), protocol=0))]    # a pickle under the current number
+            (len(events) - 2, VERSION, pickle.dumps(_Trap(marker), protocol=0))]  # a pickle under the current number
     journal._db.executemany("INSERT INTO snapshots (seq, format, data) VALUES (?, ?, ?)", rows)
     with caplog.at_level(logging.WARNING, logger="fleetflow.hub.journal"):
         loaded = journal.load()
@@ -187,7 +188,7 @@ def test_an_unusable_snapshot_falls_back_to_an_older_one(tmp_path: Path, caplog:
     journal = journal_of(tmp_path, [RunSubmitted(1, "r1", spec({"id": "a", "uses": "echo"}), {}, None, 10**12)])
     journal.snapshot(journal.load())
     journal.append_now([RunSubmitted(2, "r2", spec({"id": "a", "uses": "echo"}), {}, None, 10**12)])
-    journal._db.execute("INSERT INTO snapshots (seq, format, data) VALUES (2, 2, x'a1')")  # truncated CBOR
+    journal._db.execute("INSERT INTO snapshots (seq, format, data) VALUES (2, ?, x'a1')", (VERSION,))  # truncated
     with caplog.at_level(logging.WARNING, logger="fleetflow.hub.journal"):
         assert sorted(journal.load().runs) == ["r1", "r2"]
     assert "loading the one at event 1" in caplog.records[0].getMessage()
@@ -208,7 +209,7 @@ def test_whatever_a_snapshot_raises_the_journal_replays(tmp_path: Path, monkeypa
     events = busy(monkeypatch).journal
     journal = journal_of(tmp_path, events)
     bad = cbor2.dumps({**journal.load().to_snapshot(), **damage})
-    journal._db.execute("INSERT INTO snapshots (seq, format, data) VALUES (?, 2, ?)", (len(events), bad))
+    journal._db.execute("INSERT INTO snapshots (seq, format, data) VALUES (?, ?, ?)", (len(events), VERSION, bad))
     with caplog.at_level(logging.WARNING, logger="fleetflow.hub.journal"):
         loaded = journal.load()
     assert loaded.to_snapshot() == Core().fold(events).to_snapshot()
