@@ -28,11 +28,10 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -162,7 +161,7 @@ class CpuShare:
         times = process.cpu_times()
         return float(times.user + times.system)
 
-    def __enter__(self) -> CpuShare:
+    def __enter__(self) -> Self:
         self._started, self._before = time.monotonic(), {n: self._used(p) for n, p in self.processes.items()}
         return self
 

@@ -1,7 +1,8 @@
 """Run every benchmark in bench/, one at a time, each in its own process, and publish one table of figures.
 
-    python bench/run_all.py [--only NAME ...] [--lock PATH] [--results bench/RESULTS.md]
+    python bench/run_all.py [--lock PATH] [--results bench/RESULTS.md]
     python bench/run_all.py --smoke          # every bench at its tiny size (CI): the table goes to stdout only
+    python bench/run_all.py --only NAME      # some benches at full size: the table goes to stdout only
 
 Each bench prints its own table and, last, one JSON line of figures; this reads that line. The table gives, for each
 figure, the value, the reference measured beside it in the same run, their ratio, the target and MET / NOT MET (a
@@ -222,7 +223,7 @@ def run_one(bench: Bench, smoke: bool, lock: Path | None) -> Outcome:
             fcntl.flock(held, fcntl.LOCK_EX)
         started = time.monotonic()
         try:
-            done = subprocess.run(command, capture_output=True, text=True, cwd=HERE.parent,
+            done = subprocess.run(command, capture_output=True, text=True, cwd=HERE.parent, check=False,
                                   timeout=SMOKE_TIMEOUT_S if smoke else FULL_TIMEOUT_S)
         except subprocess.TimeoutExpired as exc:
             return Outcome(bench, time.monotonic() - started, [], f"no end after {exc.timeout:.0f} s")
@@ -243,7 +244,8 @@ def machine() -> str:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor() or "unknown CPU")
     try:
-        mosquitto = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True, timeout=10).stdout.split("\n")[0]
+        mosquitto = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True, timeout=10,
+                                   check=False).stdout.split("\n")[0]
     except OSError:
         mosquitto = "Mosquitto not found"
     return (f"{os.cpu_count()} cores, {model}, Python {platform.python_version()}, "
@@ -251,10 +253,11 @@ def machine() -> str:
 
 
 def table(outcomes: list[Outcome], smoke: bool) -> str:
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = ["## Figures (bench/run_all.py)", "",
-             f"Machine: {machine()}. Run {now}, {'smoke size (the figures mean nothing)' if smoke else 'full size'}, "
-             f"every bench one after the other; each ratio is of two figures measured side by side in that bench's run.",
+             (f"Machine: {machine()}. Run {now}, {'smoke size (the figures mean nothing)' if smoke else 'full size'}, "
+              f"every bench one after the other; each ratio is of two figures measured side by side in that bench's "
+              "run."),
              "", "| bench | figure | value | same-run reference | ratio | target | verdict |",
              "|---|---|---|---|---|---|---|"]
     for outcome in outcomes:
@@ -284,7 +287,8 @@ def write_between_markers(text: str, block: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="every bench at its tiny size; never writes the results")
-    parser.add_argument("--only", action="append", choices=[b.name for b in BENCHES], help="this bench (repeatable)")
+    parser.add_argument("--only", action="append", choices=[b.name for b in BENCHES],
+                        help="this bench (repeatable); prints, never writes the results")
     parser.add_argument("--lock", type=Path, help="hold an exclusive flock on this file around each bench")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where a full run writes its table")
     args = parser.parse_args()
@@ -302,7 +306,7 @@ def main() -> int:
               + (f"\n{outcome.failure}" if outcome.failure else ""), file=sys.stderr, flush=True)
     block = table(outcomes, args.smoke)
     print(block)
-    if not args.smoke:
+    if not args.smoke and not args.only:  # the table is always of one whole run
         text = args.results.read_text() if args.results.exists() else "# Benchmark and test-quality results\n"
         args.results.write_text(write_between_markers(text, block))
         print(f"\nwritten to {args.results}", file=sys.stderr)

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from protocols import cbor, envelope  # noqa: E402
+from protocols import ProtocolError, cbor, envelope  # noqa: E402
 from tests.brokers import HOST, Broker  # noqa: E402
 
 READY_S = 30.0
@@ -86,7 +86,7 @@ class WireRecorder:
 def _fields(payload: bytes) -> dict[str, Any]:
     try:
         value = cbor.loads(envelope.parse(payload).payload)
-    except Exception:  # a retained empty state, or anything else that is not ours: kept, with no fields
+    except ProtocolError:  # a retained empty state, or anything else that is not ours: kept, with no fields
         return {}
     return value if isinstance(value, dict) else {}
 

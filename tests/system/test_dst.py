@@ -5,6 +5,7 @@ within a bound, whose history then replays exactly."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -64,8 +65,9 @@ def test_a_few_dozen_seeds_keep_every_invariant() -> None:
     result = subprocess.run([*BENCH, "--seeds", str(SEEDS), "--jobs", "2"], capture_output=True, text=True,
                             timeout=240, cwd=ROOT, check=False)
     lines = result.stdout.splitlines()
-    assert lines and lines[-1].startswith(f"{SEEDS} seeds, 0 failures, "), result.stdout + result.stderr[-3000:]
-    assert lines[-1].endswith(" simulated hours per wall-clock second") and result.returncode == 0
+    assert len(lines) == 2 and lines[0].startswith(f"{SEEDS} seeds, 0 failures, "), result.stdout + result.stderr[-3000:]
+    assert lines[0].endswith(" simulated hours per wall-clock second") and result.returncode == 0
+    assert json.loads(lines[1])["failures"] == 0  # the same summary as bench/run_all.py reads it
 
 
 def test_a_seed_s_history_is_identical_in_every_process() -> None:

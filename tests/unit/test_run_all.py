@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from run_all import BEGIN, END, BENCHES, last_json, unlisted, write_between_markers  # noqa: E402
+from run_all import BEGIN, BENCHES, END, last_json, unlisted, write_between_markers  # noqa: E402
 
 MUTATION = "## Mutation testing\n\nkept | as | it is\n"
 
