@@ -111,7 +111,7 @@ def write(out: Path, access: SparkplugAccess | None) -> None:
     reach, which a test's temporary directory is not)."""
     plugin = out.parent / "plugin.so"  # any existing file stands for the plugin: nothing here starts a broker
     plugin.touch()
-    write_config(Layout(out), FleetRoles(FLEET, access), "127.0.0.1", 18830, False, str(plugin))
+    write_config(Layout(out), FleetRoles(FLEET, access), "127.0.0.1", 8883, False, str(plugin))
 
 
 def test_broker_config_writes_hub_settings_that_name_the_ids_of_its_acls(tmp_path: Path) -> None:
@@ -130,7 +130,7 @@ def test_broker_config_writes_hub_settings_that_name_the_ids_of_its_acls(tmp_pat
     scada = json.loads((out / "scada.json").read_text())
     assert stat.S_IMODE((out / "scada.json").stat().st_mode) == 0o600
     assert (scada["username"], scada["host_id"], scada["group"], scada["edge_node"], scada["broker"]) == (
-        f"scada@{FLEET}", "scada-main", group, "edge-7", "mqtt://127.0.0.1:18830")
+        f"scada@{FLEET}", "scada-main", group, "edge-7", "mqtt://127.0.0.1:8883")  
     assert [c["username"] for c in state["clients"]] == [f"hub@{FLEET}", f"enroll@{FLEET}", f"admin@{FLEET}",
                                                         f"scada@{FLEET}"]
     assert len({c["password"] for c in state["clients"]}) == 4
