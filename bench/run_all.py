@@ -133,9 +133,34 @@ def sim_figures(f: dict[str, Any]) -> list[Figure]:
     def worst(d: Any) -> str:
         return f"{d['max']:,} ms" if isinstance(d, dict) and "max" in d else str(d)
 
-    return [Figure("simulated devices sustained (every heartbeat, hub lag p99 < 1 s)", f"{f['largest_sustained']:,}"),
-            Figure("power cut -> Failed, worst", worst(f["detection_ms"]), "1.5 x keepalive 7,500 ms"),
-            Figure("partition -> Failed, worst", worst(f["partition_detection_ms"]), "1.5 x keepalive 7,500 ms")]
+    out = [Figure("simulated devices sustained (every heartbeat, hub lag p99 < 1 s)", f"{f['largest_sustained']:,}"),
+           Figure("power cut -> Failed, worst", worst(f["detection_ms"]), "1.5 x keepalive 7,500 ms"),
+           Figure("partition -> Failed, worst", worst(f["partition_detection_ms"]), "1.5 x keepalive 7,500 ms")]
+    work = f.get("work")
+    if work and "error" in work:
+        out.append(Figure(f"{work['devices']:,} devices with work running", "did not run: " + " ".join(work["error"]),
+                          verdict="NOT MET"))
+    elif work:
+        sent, accepted = work["hb_on_wire"], work["hb_accepted"]
+        due = work["runs_submitted"] + work["runs_late"]
+        results = work["results"] or {}
+        detected = work["detection_ms"] or {}
+        out += [Figure(f"{work['devices']:,} devices with work running: history checker", "PASS" if work["passed"]
+                       else "FAIL: " + "; ".join(work["failed_checks"])[:200], target="PASS", verdict=verdict(work["passed"])),
+                Figure("  heartbeats accepted", f"{accepted:,.0f}", f"sent (a recorder's count) {sent:,}",
+                       x(accepted / sent) if sent else DASH, "every one", verdict(sent > 0 and accepted >= sent)),
+                Figure("  hub ingest lag p99, every device up (histogram bucket)", f"<= {work['lag_p99_s']:g} s",
+                       f"with the boot <= {work['lag_p99_with_boot_s']:g} s", target="< 1 s",
+                       verdict=verdict(work["lag_p99_s"] < 1)),
+                Figure("  results lost", f"{results.get('sent', 0) - results.get('journaled', 0) - results.get('still_in_outboxes', 0)}"
+                       f" of {results.get('sent', 0):,} sent", target="0", verdict=verdict(bool(work["results_lost_check"]))),
+                Figure(f"  power cuts on 1% ({work['killed']}) -> Failed, p99", f"{detected.get('p99', '?')} ms",
+                       target="< 1,000 ms", verdict=verdict(detected.get("p99", 10**9) < 1000)),
+                Figure("  workload: runs submitted (a run per device every 5 min)", f"{work['runs_submitted']:,}",
+                       f"due {due:,}", x(work["runs_submitted"] / due) if due else DASH, "every one",
+                       verdict(work["runs_late"] == 0)),
+                Figure("  CPU, % of one core", ", ".join(f"{k} {v}" for k, v in work["cpu_percent_of_a_core"].items()))]
+    return out
 
 
 def dst_figures(f: dict[str, Any]) -> list[Figure]:

@@ -7,15 +7,17 @@ shell. Other packages (the simulator, tests, benchmarks) use the names below; th
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from .config import HubConfig
     from .errors import OperatorError
     from .health import Policy
     from .journal import Journal
-    from .service import Hub, HubConfig
+    from .service import Hub
     from .state import Core
     from .workflow import Workflow, WorkflowError, load_workflow
 
@@ -23,29 +25,13 @@ __all__ = ["Core", "Hub", "HubConfig", "Journal", "OperatorError", "Policy", "Wo
            "load_workflow", "__version__"]
 
 
+# The module each name above lives in, imported when the name is first asked for.
+_HOMES = {"Core": "state", "Hub": "service", "HubConfig": "config", "Journal": "journal", "OperatorError": "errors",
+          "Policy": "health", "Workflow": "workflow", "WorkflowError": "workflow", "load_workflow": "workflow"}
+
+
 def __getattr__(name: str) -> Any:
-    if name in ("Hub", "HubConfig"):
-        from . import service
-
-        return getattr(service, name)
-    if name == "Core":
-        from .state import Core
-
-        return Core
-    if name == "Journal":
-        from .journal import Journal
-
-        return Journal
-    if name == "OperatorError":
-        from .errors import OperatorError
-
-        return OperatorError
-    if name == "Policy":
-        from .health import Policy
-
-        return Policy
-    if name in ("Workflow", "WorkflowError", "load_workflow"):
-        from . import workflow
-
-        return getattr(workflow, name)
-    raise AttributeError(f"module 'hub' has no attribute {name!r}")
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'hub' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{home}", __name__), name)

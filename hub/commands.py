@@ -20,7 +20,7 @@ from agent.runtime.console import fail
 from .client import _meta, refuse_secret_flag
 from .keys import DEFAULT_KEY_OVERLAP, DEFAULT_TOKEN_OVERLAP
 from .config import DEFAULT_KEEPALIVE_S, DEFAULT_MIRROR_INTERVAL_S, DEFAULT_NODE_METRICS_MAX
-from .limits import DEFAULT_LIMITS, MAX_DEPTH
+from .limits import DEFAULT_LIMITS, MAX_DEPTH, OPTIONS
 from .registry import DEFAULT_MAX_PENDING, DEFAULT_TOKEN_USES
 
 hub_app = typer.Typer(help="Run the hub, show its identity, rotate its key and API token.", no_args_is_help=True)
@@ -31,6 +31,14 @@ EXIT_SOFTWARE = 70  # sysexits.h EX_SOFTWARE: an internal error; systemd's Resta
 
 
 # -- hub run / identity ----------------------------------------------------------------------------------------
+
+def _limit_option(limit: str, what: str, bound: str = "") -> Any:
+    """The `hub run` option of one of hub/limits.py's `Limits`: the flag its refusals name (`limits.OPTIONS`), with
+    its default and its FLEETFLOW_* variable in the help."""
+    flag = OPTIONS[limit]
+    variable = "FLEETFLOW_" + flag.removeprefix("--").replace("-", "_").upper()
+    return typer.Option(None, flag, help=f"{what} (default: {getattr(DEFAULT_LIMITS, limit)}{bound}) [{variable}]")
+
 
 @hub_app.command("run")
 def hub_run(broker: Optional[str] = typer.Option(
@@ -73,24 +81,15 @@ def hub_run(broker: Optional[str] = typer.Option(
                 f"(default: {DEFAULT_KEEPALIVE_S}) [FLEETFLOW_KEEPALIVE]"),
             policy: Optional[Path] = typer.Option(None, "--policy", help="Adaptation policy YAML (health, rules) "
                                                                          "[FLEETFLOW_POLICY]"),
-            max_request_bytes: Optional[int] = typer.Option(
-                None, "--max-request-bytes", help=f"Largest HTTP request body (413 beyond) "
-                f"(default: {DEFAULT_LIMITS.request_bytes}) [FLEETFLOW_MAX_REQUEST_BYTES]"),
-            max_workflow_bytes: Optional[int] = typer.Option(
-                None, "--max-workflow-bytes", help=f"Largest workflow YAML text (422 beyond, as the limits below) "
-                f"(default: {DEFAULT_LIMITS.workflow_bytes}) [FLEETFLOW_MAX_WORKFLOW_BYTES]"),
-            max_workflow_steps: Optional[int] = typer.Option(
-                None, "--max-workflow-steps", help=f"Most steps in one workflow "
-                f"(default: {DEFAULT_LIMITS.steps}) [FLEETFLOW_MAX_WORKFLOW_STEPS]"),
-            max_workflow_depth: Optional[int] = typer.Option(
-                None, "--max-workflow-depth", help=f"Deepest nesting in a workflow or its inputs "
-                f"(default: {DEFAULT_LIMITS.depth}, at most {MAX_DEPTH}) [FLEETFLOW_MAX_WORKFLOW_DEPTH]"),
-            max_workflow_aliases: Optional[int] = typer.Option(
-                None, "--max-workflow-aliases", help=f"Most YAML aliases (*name) in one workflow "
-                f"(default: {DEFAULT_LIMITS.aliases}) [FLEETFLOW_MAX_WORKFLOW_ALIASES]"),
-            max_workflow_nodes: Optional[int] = typer.Option(
-                None, "--max-workflow-nodes", help=f"Most values in a workflow or its inputs, YAML aliases expanded "
-                f"(default: {DEFAULT_LIMITS.nodes}) [FLEETFLOW_MAX_WORKFLOW_NODES]"),
+            max_request_bytes: Optional[int] = _limit_option("request_bytes", "Largest HTTP request body (413 beyond)"),
+            max_workflow_bytes: Optional[int] = _limit_option(
+                "workflow_bytes", "Largest workflow YAML text (422 beyond, as the limits below)"),
+            max_workflow_steps: Optional[int] = _limit_option("steps", "Most steps in one workflow"),
+            max_workflow_depth: Optional[int] = _limit_option(
+                "depth", "Deepest nesting in a workflow or its inputs", f", at most {MAX_DEPTH}"),
+            max_workflow_aliases: Optional[int] = _limit_option("aliases", "Most YAML aliases (*name) in one workflow"),
+            max_workflow_nodes: Optional[int] = _limit_option(
+                "nodes", "Most values in a workflow or its inputs, YAML aliases expanded"),
             log_level: Optional[str] = typer.Option(None, "--log-level", help="debug, info, warning or error "
                                                                               "(default: info) [FLEETFLOW_LOG_LEVEL]"),
             json_mirror: Optional[bool] = typer.Option(

@@ -1,7 +1,8 @@
 """Hub settings from three sources, flags over environment (`FLEETFLOW_*`) over a TOML file, layered and parsed by
 the same code as the agent's (`agent.config.layer_settings`). Every error names the setting and where its value came
 from; every setting of `fleetflow hub run` has one name in all three: `--max-pending`, `FLEETFLOW_MAX_PENDING`,
-`max_pending = ...`. Secrets (`password`, `enroll_token`) come only from the environment or the file.
+`max_pending = ...`. Secrets (`password`, `enroll_token`) come only from the environment or the file. `HubConfig` is
+what the hub process runs with, from these settings (`HubSettings.hub_config`) or built directly (simulator, tests).
 
     broker = "mqtts://broker.plant1.example:8883"
     fleet = "plant-1"
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from agent.runtime.settings import (ConfigError, Parser, SettingsSpec, as_bool, as_broker_url, as_id, as_path,
                                     as_positive_float, as_positive_int, as_text, int_between, layer_settings,
                                     read_secret_file)
+from agent.runtime.transport import BrokerSettings
 
 from .limits import DEFAULT_LIMITS, MAX_DEPTH, Limits
 from .registry import DEFAULT_MAX_PENDING, DEFAULT_TOKEN_USES
@@ -33,9 +35,9 @@ from .sparkplug.settings import DEFAULT_DEADBAND, DEFAULT_GROUP, SparkplugSettin
 if TYPE_CHECKING:
     from .broker_acl import BrokerLogin
     from .health import Policy
-    from .service import HubConfig
+    from .mirror import MirrorSettings
 
-__all__ = ["ConfigError", "HubSettings", "HUB_SETTINGS", "load_hub_settings"]
+__all__ = ["ConfigError", "HubConfig", "HubSettings", "HUB_SETTINGS", "load_hub_settings"]
 
 # A proof sniffed off the wire lets anyone try tokens offline, as fast as HMAC runs: only a long random token keeps
 # that hopeless.
@@ -169,7 +171,6 @@ class HubSettings:
 
     def hub_config(self, policy: Policy) -> HubConfig:
         from .mirror import MirrorSettings
-        from .service import HubConfig
 
         host, port = self.api
         return HubConfig(self.broker, self.fleet, self.data, host, port, self.auto_accept, self.enroll_token,
@@ -193,3 +194,46 @@ def load_hub_settings(flags: Mapping[str, Any], config_file: Path | None = None,
     values = layer_settings(HUB_SETTINGS, flags, config_file, env)
     limits = Limits(**{LIMIT_SETTINGS[name]: values.pop(name) for name in list(values) if name in LIMIT_SETTINGS})
     return HubSettings(**values, limits=limits)
+
+
+def _default_policy() -> Policy:
+    # Imported here: the policy's model loads pydantic, which the CLI commands that read these settings do not need.
+    from .health import Policy
+
+    return Policy()
+
+
+@dataclass
+class HubConfig:
+    """What the hub process (`hub.service.Hub`) runs with: `HubSettings.hub_config` builds it for `hub run`; the
+    simulator, tests and benchmarks build it directly."""
+
+    broker: str
+    fleet: str
+    data: Path
+    api_host: str = DEFAULT_API[0]
+    api_port: int = DEFAULT_API[1]
+    auto_accept: bool = False
+    enroll_token: str | None = None
+    enroll_token_uses: int = DEFAULT_TOKEN_USES  # enrollments one enroll token may admit, counted durably
+    max_pending: int = DEFAULT_MAX_PENDING       # pending enroll requests kept; the oldest is dropped beyond
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    snapshot_every: int = 10_000
+    policy: Policy = field(default_factory=_default_policy)
+    limits: Limits = field(default_factory=Limits)  # request bodies and workflows (hub/limits.py)
+    cert_file: str | None = None  # client certificate and key, for a broker that requires them (mutual TLS)
+    key_file: str | None = None
+    sparkplug: SparkplugSettings | None = None  # a Sparkplug B edge node with its own MQTT session (hub/sparkplug/)
+    json_mirror: MirrorSettings | None = None  # retained JSON copies for platforms without COSE (hub/mirror.py)
+    node_metrics: int = 0  # per-node telemetry gauges for at most this many nodes; 0: none (hub/metrics.py)
+    broker_admin: BrokerLogin | None = None  # gives accepted nodes broker logins of their own (hub/broker_acl.py)
+    # s, of every MQTT session the hub opens; the broker gives up on a silent one after 1.5 x
+    keepalive: int = DEFAULT_KEEPALIVE_S
+    ingest_workers: int = 0  # processes that verify and decode node messages on a shared subscription (hub/ingest/)
+
+    def broker_settings(self) -> BrokerSettings:
+        """One shape for the broker connection: the hub's session, the Sparkplug and JSON mirror sessions."""
+        return BrokerSettings(self.broker, self.username, self.password, self.ca_file, self.cert_file, self.key_file,
+                              self.keepalive)

@@ -9,6 +9,8 @@ A ready step that can never run (hub/runnable.py) is not placed but failed, so i
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .events import AttemptAssigned, Event, StepUnrunnable
@@ -43,6 +45,18 @@ def _used(core: Core, node: Node) -> dict[str, float]:
     return used
 
 
+class _UsedByNode(dict[str, dict[str, float]]):
+    """What each node's running attempts hold, worked out for a node when a step with resources first asks."""
+
+    def __init__(self, core: Core) -> None:
+        super().__init__()
+        self.core = core
+
+    def __missing__(self, node_id: str) -> dict[str, float]:
+        used = self[node_id] = _used(self.core, self.core.nodes[node_id])
+        return used
+
+
 def fits(step: StepRun, node: Node, used: dict[str, float]) -> bool:
     res = step.spec.resources
     for name, need in (("cores", res.cores), ("memory_mb", res.memory_mb), ("disk_gb", res.disk_gb)):
@@ -51,11 +65,14 @@ def fits(step: StepRun, node: Node, used: dict[str, float]) -> bool:
     return True
 
 
-def candidates_for(core: Core, run: Run, step: StepRun, nodes: list[Node], free: dict[str, int],
-                   used: dict[str, dict[str, float]], now: int) -> list[Node]:
+def admission(core: Core, run: Run, step: StepRun, now: int) -> Callable[[Node, dict[str, int],
+                                                                           dict[str, dict[str, float]]], bool]:
+    """Whether a node (with the pass's free slots and used resources) may take `step`: what is the same for every
+    node is worked out once, so a scan over thousands of nodes pays only the per-node checks."""
     spec = step.spec
     placement = spec.placement
     selector = placement.selector
+    everywhere = not (selector.labels or selector.profile or selector.capabilities or selector.nodes)
     affinity_node = None
     if placement.affinity:
         other = run.steps.get(placement.affinity)
@@ -63,22 +80,56 @@ def candidates_for(core: Core, run: Run, step: StepRun, nodes: list[Node], free:
         if target is not None and target.state == Liveness.ONLINE:
             affinity_node = target.id  # a failed affinity target is ignored rather than blocking forever
     avoid = {run.steps[s].node for s in placement.anti_affinity if s in run.steps and run.steps[s].node}
-    out = []
-    for node in nodes:
-        if free[node.id] <= 0 or spec.uses not in node.caps:
-            continue
-        if step.avoid.get(node.id, 0) > now:
-            continue
-        if affinity_node is not None and node.id != affinity_node:
-            continue
-        if node.id in avoid:
-            continue
-        if not selector.matches(node.id, node.labels, node.profile, node.caps):
-            continue
-        if not fits(step, node, used[node.id]):
-            continue
-        out.append(node)
-    return out
+    refused_until = step.avoid
+    uses = spec.uses
+    res = spec.resources
+    sized = bool(res.cores or res.memory_mb or res.disk_gb)
+
+    def admits(node: Node, free: dict[str, int], used: dict[str, dict[str, float]]) -> bool:
+        node_id = node.id
+        if free[node_id] <= 0 or uses not in node.caps:
+            return False
+        if refused_until and refused_until.get(node_id, 0) > now:
+            return False
+        if (affinity_node is not None and node_id != affinity_node) or node_id in avoid:
+            return False
+        if not everywhere and not selector.matches(node_id, node.labels, node.profile, node.caps):
+            return False
+        return not sized or fits(step, node, used[node_id])
+
+    return admits
+
+
+def candidates_for(core: Core, run: Run, step: StepRun, nodes: list[Node], free: dict[str, int],
+                   used: dict[str, dict[str, float]], now: int) -> list[Node]:
+    admits = admission(core, run, step, now)
+    return [node for node in nodes if admits(node, free, used)]
+
+
+class _SpreadOrder:
+    """The pass's nodes in spread order, least loaded first (load over slots, then id): the first node a step admits
+    is the one `min` over all its candidates would choose, found without listing them all. An assignment moves
+    its node back to its new place."""
+
+    def __init__(self, nodes: list[Node], load: dict[str, int]) -> None:
+        self.by_id = {n.id: n for n in nodes}
+        self.keys = sorted(self.key(n, load[n.id]) for n in nodes)
+
+    @staticmethod
+    def key(node: Node, load: int) -> tuple[float, str]:
+        return load / max(1, node.slots), node.id
+
+    def first(self, admits: Callable[[Node], bool]) -> Node | None:
+        by_id = self.by_id
+        for _, node_id in self.keys:
+            node = by_id[node_id]
+            if admits(node):
+                return node
+        return None
+
+    def moved(self, node: Node, load_before: int, load_after: int) -> None:
+        self.keys.pop(bisect.bisect_left(self.keys, self.key(node, load_before)))
+        bisect.insort(self.keys, self.key(node, load_after))
 
 
 def place(core: Core, now: int, limit: int = 1000) -> list[Event]:
@@ -100,34 +151,44 @@ def place(core: Core, now: int, limit: int = 1000) -> list[Event]:
                     continue
             ready.append((-step.spec.placement.priority - run.workflow.priority, run.deadline, run.seq, step_id,
                           run, step))
+    if not ready:  # every queued step waits for its retry time: no need to look at the fleet
+        return failed
     nodes = sorted((n for n in core.nodes.values() if eligible(core, n)), key=lambda n: n.id)
     if not nodes:
         return failed
     # a half-open breaker lets exactly one probe attempt through
     free = {n.id: (1 if n.breaker == Breaker.HALF_OPEN else n.slots) - len(n.attempts) for n in nodes}
-    used = {n.id: _used(core, n) for n in nodes}
+    used = _UsedByNode(core)
     load = {n.id: len(n.attempts) for n in nodes}
     ready.sort(key=lambda item: item[:4])
     out: list[Event] = failed
     fence = core.fence
+    spread: _SpreadOrder | None = None  # built on the first spread step
+    open_slots = sum(v for v in free.values() if v > 0)
     for *_, run, step in ready:
-        if len(out) >= limit or not any(v > 0 for v in free.values()):
+        if len(out) >= limit or open_slots <= 0:
             break
-        options = candidates_for(core, run, step, nodes, free, used, now)
-        if not options:
+        admits = admission(core, run, step, now)
+        best: Node | None
+        if step.spec.placement.strategy == "bin-pack":
+            options = [n for n in nodes if admits(n, free, used)]
+            best = min(options, key=lambda n: (-(load[n.id] / max(1, n.slots)), n.id)) if options else None
+        else:
+            spread = spread or _SpreadOrder(nodes, load)
+            best = spread.first(lambda n: admits(n, free, used))
+        if best is None:
             continue
         problem = cannot_send(step)  # checked when placing, so a long queue costs nothing per pass
         if problem is not None:
             out.append(StepUnrunnable(now, run.id, step.id, problem))
             continue
-        if step.spec.placement.strategy == "bin-pack":
-            best = min(options, key=lambda n: (-(load[n.id] / max(1, n.slots)), n.id))
-        else:
-            best = min(options, key=lambda n: (load[n.id] / max(1, n.slots), n.id))
         fence += 1
         out.append(AttemptAssigned(now, run.id, step.id, f"a{fence}", fence, best.id))
+        open_slots -= 1  # the node admitted the step: it had a free slot
         free[best.id] -= 1
         load[best.id] += 1
+        if spread is not None:
+            spread.moved(best, load[best.id] - 1, load[best.id])
         res = step.spec.resources
         used[best.id]["cores"] += res.cores
         used[best.id]["memory_mb"] += res.memory_mb

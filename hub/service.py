@@ -28,31 +28,30 @@ from agent.runtime.backoff import Backoff
 from agent.runtime.clock import Clock, now_ms
 from agent.runtime.startup import DataLock, broker_unreachable
 from agent.runtime.storage import DurableJSONStorage
-from agent.runtime.transport import (BrokerSettings, MqttTransport, Session, Transport, TransportError, Will,
-                                     session_client_id)
+from agent.runtime.transport import MqttTransport, Session, Transport, TransportError, Will, session_client_id
 from protocols import HUB_ID, Keyring, Outgoing, ReplayWindow, Signer
 
 from . import __version__
 from .artifacts import ArtifactStore, resolve_artifacts
 from .clones import CloneWatch, report_conflicts
+from .config import HubConfig
 from .deployments.model import DeploymentSpec
 from .errors import Conflict, HubTaskFailed, InternalError, NotFound, OperatorError, Unprocessable
 from .eventlog import apply_logged
 from .events import Event, HubLoadChanged, ResultReported, RunCancelRequested, RunSubmitted
-from .health import HealthTracker, LoadMonitor, Policy
+from .health import HealthTracker, LoadMonitor
 from .ingest.workers import IngestWorkers
 from .intake import Inbound, Intake
 from .journal import Journal, Mark
 from .keys import ApiTokens, HubKeys, ensure_token, follow_rotation
-from .limits import Limits
 from .metrics import HubMetrics
-from .broker_acl import BrokerClients, BrokerLogin
-from .mirror import JsonMirror, MirrorSettings
+from .broker_acl import BrokerClients
+from .mirror import JsonMirror
 from .node_admin import NodeAdmin, reset_stale_windows
 from .protocol import EnrollSettings, HubProtocol, NodeView, Reply
-from .registry import DEFAULT_MAX_PENDING, DEFAULT_TOKEN_USES, Registry
+from .registry import Registry
 from .runnable import workflow_problems
-from .sparkplug import NoBridge, SparkplugSettings, bridge_for
+from .sparkplug import NoBridge, bridge_for
 from .state import Command, Core, compile_workflow
 from .ui.feed import LiveFeed
 from .workflow import Workflow, WorkflowError
@@ -73,38 +72,6 @@ BEHIND_MS = 2000
 BACKLOG_GRACE_MS = 1000
 SHED_GRACE_MS = 5000
 NODE_KINDS_READ = ("enroll", "birth", "death", "hb", "tel", "evt")  # never `cmd`: our own commands
-
-
-@dataclass
-class HubConfig:
-    broker: str
-    fleet: str
-    data: Path
-    api_host: str = "127.0.0.1"
-    api_port: int = 8470
-    auto_accept: bool = False
-    enroll_token: str | None = None
-    enroll_token_uses: int = DEFAULT_TOKEN_USES  # enrollments one enroll token may admit, counted durably
-    max_pending: int = DEFAULT_MAX_PENDING       # pending enroll requests kept; the oldest is dropped beyond
-    username: str | None = None
-    password: str | None = None
-    ca_file: str | None = None
-    snapshot_every: int = 10_000
-    policy: Policy = field(default_factory=Policy)
-    limits: Limits = field(default_factory=Limits)  # request bodies and workflows (hub/limits.py)
-    cert_file: str | None = None  # client certificate and key, for a broker that requires them (mutual TLS)
-    key_file: str | None = None
-    sparkplug: SparkplugSettings | None = None  # a Sparkplug B edge node with its own MQTT session (hub/sparkplug/)
-    json_mirror: MirrorSettings | None = None  # retained JSON copies for platforms without COSE (hub/mirror.py)
-    node_metrics: int = 0  # per-node telemetry gauges for at most this many nodes; 0: none (hub/metrics.py)
-    broker_admin: BrokerLogin | None = None  # gives accepted nodes broker logins of their own (hub/broker_acl.py)
-    keepalive: int = 30  # s, of every MQTT session the hub opens; the broker gives up on a silent one after 1.5 x
-    ingest_workers: int = 0  # processes that verify and decode node messages on a shared subscription (hub/ingest/)
-
-    def broker_settings(self) -> BrokerSettings:
-        """One shape for the broker connection: the hub's session, the Sparkplug and JSON mirror sessions."""
-        return BrokerSettings(self.broker, self.username, self.password, self.ca_file, self.cert_file, self.key_file,
-                              self.keepalive)
 
 
 @dataclass

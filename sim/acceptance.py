@@ -213,6 +213,8 @@ def detections(evidence: Evidence, verdict: Verdict) -> None:
             else:
                 times.append(max(0, gone - at))
         if times:
-            verdict.figures[figure] = {"max": max(times), "mean": round(sum(times) / len(times))}
+            ordered = sorted(times)
+            verdict.figures[figure] = {"max": ordered[-1], "mean": round(sum(times) / len(times)),
+                                       "p99": ordered[-(-99 * len(ordered) // 100) - 1]}  # nearest rank
         verdict.judged(invariant, problems, f"{len(times)}/{len(faulted)} detected"
                        + (f", detection max {max(times)} ms" if times else ""), " undetected")

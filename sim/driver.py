@@ -50,6 +50,7 @@ from .verdict import Verdict
 READ_SHARE = 10      # the reads behind the table and the waits take at most 1/10 of the time, however large the fleet
 MIGRATIONS_EVERY = 4  # rounds of reads per read of every submitted run
 SETTLE_S = 5.0       # a real broker delivers within this: older unacknowledged entries are stuck, not on their way
+SUBMITTING = 32      # workload submissions in flight at once: a fleet's rate is kept while each takes its time
 
 
 def tally(values: Iterable[str]) -> dict[str, int]:
@@ -116,6 +117,7 @@ class Outcome:
     runs: int = 0                 # runs submitted (the scenario's and the workload's)
     on_running_work: tuple[str, ...] = ()  # faults that landed on a device while it ran steps
     waits: tuple[Waited, ...] = ()
+    late: int = 0                 # workload runs that fell due and were not sent: the hub answered too slowly
 
 
 class Driver:
@@ -129,6 +131,7 @@ class Driver:
         self.recorder = WireRecorder(orchestra.broker, orchestra.fleet)
         self.expected: dict[str, Submission] = {}   # run id -> what was submitted
         self.waits: list[Waited] = []
+        self.late = 0
         self.phase = "starting"
         self.started = time.monotonic()
         self._census = Census(len(orchestra.devices))
@@ -181,13 +184,30 @@ class Driver:
             return
         every = 60.0 / (workload.rate * len(self.orchestra.devices))
         start, count = time.monotonic(), 0
-        # Due times are absolute (start + k * every), so a slow submission does not lower the rate: the runs that fell
-        # due meanwhile are submitted at once.
-        while start + (count + 1) * every <= until:
-            await _sleep_until(start + (count + 1) * every)
-            submission = workload.submissions[count % len(workload.submissions)]
-            count += 1
-            await self._submit(submission, f"{submission.label}-{count}")
+        # Due times are absolute (start + k * every) and up to SUBMITTING requests are in flight at once, so a slow
+        # answer does not lower the rate; a hub slower than that holds the workload back (`late` counts the runs that
+        # fell due and were never sent), and it ends with the duration all the same.
+        in_flight: set[asyncio.Task[None]] = set()
+        try:
+            while start + (count + 1) * every <= until:
+                await _sleep_until(start + (count + 1) * every)
+                while True:
+                    for task in [t for t in in_flight if t.done()]:
+                        in_flight.discard(task)
+                        task.result()  # a refused submission stops the session, as one awaited would
+                    if len(in_flight) < SUBMITTING or time.monotonic() >= until:
+                        break
+                    await asyncio.wait(in_flight, timeout=until - time.monotonic(), return_when=asyncio.FIRST_COMPLETED)
+                if time.monotonic() >= until:
+                    break
+                submission = workload.submissions[count % len(workload.submissions)]
+                count += 1
+                in_flight.add(asyncio.create_task(self._submit(submission, f"{submission.label}-{count}")))
+            self.late = int((until - start) / every) - count
+            await asyncio.gather(*in_flight)
+        finally:
+            for task in in_flight:
+                task.cancel()
 
     async def run(self, scenario: Scenario) -> Outcome:
         self.started = time.monotonic()
@@ -223,7 +243,7 @@ class Driver:
         injected = verdict.figures.get("injected", {})
         return Outcome(verdict, boot_s, tuple(self.ctx.applied), self.orchestra.killed, self.orchestra.partitioned,
                        self.ctx.injected, int(injected.get("refused", 0)), len(self.expected),
-                       tuple(self.orchestra.on_running_work + self.ctx.on_work), tuple(self.waits))
+                       tuple(self.orchestra.on_running_work + self.ctx.on_work), tuple(self.waits), self.late)
 
     async def _evidence(self) -> Evidence:
         """What the checker judges, read in the order that makes it consistent: the wire record is closed first;

@@ -83,6 +83,6 @@ def report_of(options: SimOptions, outcome: Outcome, work: Path) -> dict[str, ob
             "refused_bad_messages": outcome.refused, "figures": verdict.figures,
             "checks": [{"name": n, "passed": ok, "detail": d} for n, ok, d in verdict.checks],
             "passed": verdict.passed, "work_dir": str(work),
-            "rate_per_device_per_min": options.rate, "runs_submitted": outcome.runs,
+            "rate_per_device_per_min": options.rate, "runs_submitted": outcome.runs, "runs_late": outcome.late,
             "faults_on_running_work": list(outcome.on_running_work),
             "waits": [asdict(w) for w in outcome.waits]}

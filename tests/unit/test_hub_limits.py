@@ -4,6 +4,7 @@ promises, with a 422-style WorkflowError naming the limit and its `fleetflow hub
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import stat
 import subprocess
@@ -227,7 +228,13 @@ def test_a_submission_is_parsed_off_the_event_loop(tmp_path: Path) -> None:
         task.cancel()
         return response, took, max(gaps)
 
-    response, took, longest_gap = asyncio.run(main())
+    # A full garbage collection, which any thread's allocations may start, stops every thread for up to 0.2 s on a
+    # busy machine: not what is measured here (whether the handler parses on the loop), so it waits until after.
+    gc.disable()
+    try:
+        response, took, longest_gap = asyncio.run(main())
+    finally:
+        gc.enable()
     assert response.status_code == 201, response.text
     assert len(submitted[0].steps) == 1000  # type: ignore[attr-defined]
     assert longest_gap < took / 3, f"the loop stood still {longest_gap:.3f} s of the {took:.3f} s the request took"
