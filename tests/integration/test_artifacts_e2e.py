@@ -90,7 +90,9 @@ def test_install_restart_probe_resume_refuse_and_roll_back(mosquitto: Broker, tm
         config.write_text(f'[artifacts]\nenabled = true\nhub_url = "{hub.url}"\n'
                           f'[service]\nenabled = true\nsupervise = ["demo = {sys.executable} app.py {port}"]\n'
                           f'[health]\nenabled = true\nallow = ["http://127.0.0.1:*"]\n')
-        agent = hub.agent("n1", "--config", str(config), "--telemetry-file", str(calm))
+        # Every step here runs once (ONCE): a node failed for a stall of a busy machine (3 heartbeats missed; the
+        # tests' 0.5 s makes that 1.5 s) would fail the run, so this agent beats every 2 s.
+        agent = hub.agent("n1", "--config", str(config), "--telemetry-file", str(calm), "--heartbeat", "2")
         hub.wait_nodes(1, 60)
         slots = agent.data / "artifacts" / "demo"
         pidfile = agent.data / "services" / "demo.pid"
