@@ -72,7 +72,7 @@ def admission(core: Core, run: Run, step: StepRun, now: int) -> Callable[[Node, 
     spec = step.spec
     placement = spec.placement
     selector = placement.selector
-    everywhere = not (selector.labels or selector.profile or selector.capabilities or selector.nodes)
+    everywhere = not (selector.labels or selector.profile is not None or selector.capabilities or selector.nodes)
     affinity_node = None
     if placement.affinity:
         other = run.steps.get(placement.affinity)

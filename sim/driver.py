@@ -41,7 +41,7 @@ from .evidence import (
 )
 from .faults import BrokerControl, FaultContext, Scheduled, migrated
 from .history import judge
-from .hub_api import HubApi, RunStates, WaitTimeout, lag_p99, messages_total, wait_until
+from .hub_api import SUBMITTING, HubApi, RunStates, WaitTimeout, lag_p99, messages_total, wait_until
 from .orchestra import Orchestra
 from .recorder import Recording, WireRecorder
 from .scenario import Scenario, Submission
@@ -50,7 +50,6 @@ from .verdict import Verdict
 READ_SHARE = 10      # the reads behind the table and the waits take at most 1/10 of the time, however large the fleet
 MIGRATIONS_EVERY = 4  # rounds of reads per read of every submitted run
 SETTLE_S = 5.0       # a real broker delivers within this: older unacknowledged entries are stuck, not on their way
-SUBMITTING = 32      # workload submissions in flight at once: a fleet's rate is kept while each takes its time
 
 
 def tally(values: Iterable[str]) -> dict[str, int]:
@@ -203,11 +202,16 @@ class Driver:
                 submission = workload.submissions[count % len(workload.submissions)]
                 count += 1
                 in_flight.add(asyncio.create_task(self._submit(submission, f"{submission.label}-{count}")))
-            self.late = int((until - start) / every) - count
+            due = count
+            while start + (due + 1) * every <= until:  # the loop's own condition, so the count cannot drift by one
+                due += 1
+            self.late = due - count
             await asyncio.gather(*in_flight)
         finally:
             for task in in_flight:
                 task.cancel()
+            # Collected, so a second failure is not reported as never retrieved: the session raises the first.
+            await asyncio.gather(*in_flight, return_exceptions=True)
 
     async def run(self, scenario: Scenario) -> Outcome:
         self.started = time.monotonic()

@@ -6,6 +6,8 @@ the driver takes from its Prometheus text.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -13,6 +15,7 @@ from hub.client import Client
 from hub.transitions import RUN_TERMINAL
 from protocols import FleetflowError
 
+SUBMITTING = 32  # submissions in flight at once: a fleet's rate is kept while each takes its time (sim/driver.py)
 REFUSAL_REASONS = ("replayed", "unknown-key", "bad-signature", "wrong-topic", "wrong-sender")
 READS_PER_ROUND = 20  # runs read one by one in a round of reads, at most (the ones the listing no longer shows)
 
@@ -21,17 +24,21 @@ class HubApi:
     """Async calls over the blocking client (httpx's, which threads may share), in worker threads: the hub may live
     in this very event loop (`fleetflow demo`), which must stay free to answer. Reads run one at a time, which keeps
     the simulator's share of the hub's attention small; submissions are the workload itself and run side by side
-    (the driver bounds how many), so a hub that takes its time per request still gets the rate asked of it."""
+    (up to SUBMITTING, in threads of their own), so a hub that takes its time per request still gets the rate asked of it."""
 
     def __init__(self, client: Client) -> None:
         self.client = client
         self._one_at_a_time = asyncio.Lock()
+        # Threads of their own: the default pool (cores + 4 threads) would cap submissions below SUBMITTING and, with
+        # the hub in this loop (`fleetflow demo`), leave the hub's own request handlers no thread to answer them.
+        self._submitting = concurrent.futures.ThreadPoolExecutor(SUBMITTING, thread_name_prefix="fleetflow-submit")
 
     async def get(self, path: str) -> Any:
         return await self._call("GET", path)
 
     async def post(self, path: str, body: dict[str, Any]) -> Any:
-        return await asyncio.to_thread(self.client.call, "POST", path, json=body)
+        call = functools.partial(self.client.call, "POST", path, json=body)
+        return await asyncio.get_running_loop().run_in_executor(self._submitting, call)
 
     async def metrics(self) -> str:
         async with self._one_at_a_time:

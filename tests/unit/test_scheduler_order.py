@@ -77,3 +77,15 @@ def test_placement_chooses_what_listing_every_candidate_chooses(nodes: list[Any]
         assert got == expected
         for event in got:
             core.apply(event)
+
+
+def test_a_selector_for_the_empty_profile_is_a_selector() -> None:
+    # `profile: ""` names the profile a node with none has: not "any profile" (only a missing profile is that).
+    core = Core()
+    core.apply(NodeBorn(NOW, "n1", 1, "container", {}, ("echo",), 2, {}, (), 1.0))
+    step = {"id": "s", "uses": "echo", "placement": {"selector": {"profile": ""}}}
+    core.apply(RunSubmitted(NOW, "r1", workflow_from_data({"name": "t", "version": "1.0.0", "steps": [step]})
+                            .model_dump(by_alias=True, mode="json"), {}, None, 10**12))
+    assert place(core, NOW) == []
+    core.apply(NodeBorn(NOW, "n2", 1, "", {}, ("echo",), 2, {}, (), 1.0))
+    assert [e.node for e in place(core, NOW) if isinstance(e, AttemptAssigned)] == ["n2"]
