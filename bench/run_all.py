@@ -145,15 +145,17 @@ def sim_figures(f: dict[str, Any]) -> list[Figure]:
         due = work["runs_submitted"] + work["runs_late"]
         results = work["results"] or {}
         detected = work["detection_ms"] or {}
+        lost = results.get("sent", 0) - results.get("journaled", 0) - results.get("still_in_outboxes", 0)
         out += [Figure(f"{work['devices']:,} devices with work running: history checker", "PASS" if work["passed"]
-                       else "FAIL: " + "; ".join(work["failed_checks"])[:200], target="PASS", verdict=verdict(work["passed"])),
+                       else "FAIL: " + "; ".join(work["failed_checks"])[:200], target="PASS",
+                       verdict=verdict(work["passed"])),
                 Figure("  heartbeats accepted", f"{accepted:,.0f}", f"sent (a recorder's count) {sent:,}",
                        x(accepted / sent) if sent else DASH, "every one", verdict(sent > 0 and accepted >= sent)),
                 Figure("  hub ingest lag p99, every device up (histogram bucket)", f"<= {work['lag_p99_s']:g} s",
                        f"with the boot <= {work['lag_p99_with_boot_s']:g} s", target="< 1 s",
                        verdict=verdict(work["lag_p99_s"] < 1)),
-                Figure("  results lost", f"{results.get('sent', 0) - results.get('journaled', 0) - results.get('still_in_outboxes', 0)}"
-                       f" of {results.get('sent', 0):,} sent", target="0", verdict=verdict(bool(work["results_lost_check"]))),
+                Figure("  results lost", f"{lost} of {results.get('sent', 0):,} sent", target="0",
+                       verdict=verdict(bool(work["results_lost_check"]))),
                 Figure(f"  power cuts on 1% ({work['killed']}) -> Failed, p99", f"{detected.get('p99', '?')} ms",
                        target="< 1,000 ms", verdict=verdict(detected.get("p99", 10**9) < 1000)),
                 Figure("  workload: runs submitted (a run per device every 5 min)", f"{work['runs_submitted']:,}",

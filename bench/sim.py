@@ -114,7 +114,8 @@ def work_run(tmp: Path, devices: int, seconds: float, procs: int) -> dict[str, A
         faults.write_text(f"faults:\n  - {{at: {min(30.0, seconds / 3):g}, kill: {{percent: 1}}}}\n")
         report = tmp / "work-report.json"
         before = hub.get("/metrics")
-        watched = {"hub": psutil.Process(hub.proc.pid), "mosquitto": psutil.Process(broker.proc.pid)}  # type: ignore[union-attr]
+        assert hub.proc is not None and broker.proc is not None
+        watched = {"hub": psutil.Process(hub.proc.pid), "mosquitto": psutil.Process(broker.proc.pid)}
         cpu0 = {name: sum(p.cpu_times()[:2]) for name, p in watched.items()}
         children0 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the simulator and its workers, once waited for
         # The lag is judged once every device is up (the boot's enrollment burst is the boot figure): the first

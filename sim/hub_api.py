@@ -23,8 +23,8 @@ READS_PER_ROUND = 20  # runs read one by one in a round of reads, at most (the o
 class HubApi:
     """Async calls over the blocking client (httpx's, which threads may share), in worker threads: the hub may live
     in this very event loop (`fleetflow demo`), which must stay free to answer. Reads run one at a time, which keeps
-    the simulator's share of the hub's attention small; submissions are the workload itself and run side by side
-    (up to SUBMITTING, in threads of their own), so a hub that takes its time per request still gets the rate asked of it."""
+    the simulator's share of the hub's attention small; submissions are the workload itself and run side by side (up
+    to SUBMITTING, in threads of their own), so a hub that takes its time per request still gets the rate asked."""
 
     def __init__(self, client: Client) -> None:
         self.client = client

@@ -19,8 +19,9 @@ from hub.workflow import workflow_from_data
 CAPS = ("echo", "sleep", "gpio")
 NOW = 1_000
 
-nodes_st = st.lists(st.tuples(st.integers(1, 3), st.sampled_from(["a", "b"]), st.sets(st.sampled_from(CAPS), min_size=1),
-                              st.sampled_from([1.0, 2.0, 4.0])), min_size=1, max_size=10)
+nodes_st = st.lists(st.tuples(st.integers(1, 3), st.sampled_from(["a", "b"]),
+                              st.sets(st.sampled_from(CAPS), min_size=1), st.sampled_from([1.0, 2.0, 4.0])),
+                    min_size=1, max_size=10)
 steps_st = st.lists(st.tuples(st.sampled_from(CAPS), st.sampled_from(["spread", "spread", "bin-pack"]),
                               st.sampled_from([None, "a", "b"]), st.sampled_from([0.0, 0.0, 1.0, 2.5]),
                               st.integers(-1, 1)), min_size=1, max_size=24)
