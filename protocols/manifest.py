@@ -139,7 +139,7 @@ def open_manifest(data: bytes, trusted: Iterable[bytes]) -> Manifest:
     if key is None:
         raise UnknownKey(f"manifest signed by key {parsed.kid.hex()}, which is not a hub key this node trusts")
     try:
-        parsed.verify(MANIFEST_AAD, nacl.signing.VerifyKey(key))
+        parsed.verify(MANIFEST_AAD, bytes(key))
     except BadSignature:
         raise BadSignature(f"manifest signature does not verify with hub key {parsed.kid.hex()}") from None
     return Manifest.from_map(cbor.loads(parsed.payload, "manifest"))
@@ -181,6 +181,6 @@ def verify_fetch(parsed: envelope.Parsed, node_key: bytes) -> None:
     if parsed.kid != envelope.kid_for(node_key):
         raise UnknownKey(f"fetch request signed by key {parsed.kid.hex()}, not by the node's enrolled key")
     try:
-        parsed.verify(FETCH_AAD, nacl.signing.VerifyKey(node_key))
+        parsed.verify(FETCH_AAD, bytes(node_key))
     except BadSignature:
         raise BadSignature("fetch request signature does not verify with the node's key") from None

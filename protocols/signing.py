@@ -86,7 +86,6 @@ class Signer:
 @dataclass(frozen=True, slots=True)
 class TrustedKey:
     owner: str
-    verify_key: nacl.signing.VerifyKey
     public_key: bytes
 
 
@@ -103,7 +102,7 @@ class Keyring:
         if len(public_key) != 32:
             raise LocalProtocolError(f"an Ed25519 public key has 32 bytes, got {len(public_key)}")
         kid = envelope.kid_for(public_key)
-        self._by_kid[kid] = TrustedKey(owner, nacl.signing.VerifyKey(public_key), bytes(public_key))
+        self._by_kid[kid] = TrustedKey(owner, bytes(public_key))
         return kid
 
     def remove(self, kid: bytes) -> None:
@@ -140,21 +139,21 @@ def open_envelope(data: bytes, topic: str, public_key: bytes | nacl.signing.Veri
     This is what the test vectors exercise. `Receiver.receive` adds the keyring, sender, target, expiry and replay.
     """
     parsed = envelope.parse(data, max_size)
-    verify_key = public_key if isinstance(public_key, nacl.signing.VerifyKey) else nacl.signing.VerifyKey(public_key)
-    if parsed.kid != envelope.kid_for(bytes(verify_key)):
+    raw_key = bytes(public_key)
+    if len(raw_key) != envelope.KEY_SIZE:
+        raise LocalProtocolError(f"an Ed25519 public key has {envelope.KEY_SIZE} bytes, got {len(raw_key)}")
+    if parsed.kid != envelope.kid_for(raw_key):
         raise UnknownKey(f"kid {parsed.kid.hex()} does not name this key")
-    return _verify_and_decode(parsed, topic, verify_key)
+    return _verify_and_decode(parsed, topic, raw_key)
 
 
-def _verify_and_decode(parsed: envelope.Parsed, topic: str, verify_key: nacl.signing.VerifyKey) -> Message:
-    try:
-        parsed.verify(topic, verify_key)
-    except BadSignature:
+def _verify_and_decode(parsed: envelope.Parsed, topic: str, public_key: bytes) -> Message:
+    if not parsed.signed_for(topic, public_key):
         # Authentic but moved? Rebuild the topic the payload claims and check the signature there.
         claimed = _claimed_topic(parsed.payload)
-        if claimed is not None and claimed != topic and parsed.signed_for(claimed, verify_key):
+        if claimed is not None and claimed != topic and parsed.signed_for(claimed, public_key):
             raise WrongTopic(f"signed for topic {claimed!r}, received on {topic[:200]!r}") from None
-        raise
+        raise BadSignature("signature does not verify for this topic and key")
     message = decode_payload(cbor.loads(parsed.payload))
     expected = _topic_for(message.header)
     if expected != topic:
@@ -199,7 +198,7 @@ class Receiver:
         trusted = self.keyring.get(parsed.kid)
         if trusted is None:
             raise UnknownKey(f"no trusted key has kid {parsed.kid.hex()}")
-        message = _verify_and_decode(parsed, topic, trusted.verify_key)
+        message = _verify_and_decode(parsed, topic, trusted.public_key)
         header = message.header
         if header.fleet != self.fleet:
             raise WrongTopic(f"message for fleet {header.fleet!r}, this receiver serves {self.fleet!r}")
@@ -237,7 +236,7 @@ class Receiver:
         if len(parts) != 6 or parts[4] != trusted.owner:
             raise WrongSender(f"key {parsed.kid.hex()} belongs to {trusted.owner!r}, not to the sender of {topic[:120]}")
         if verify:
-            parsed.verify(topic, trusted.verify_key)
+            parsed.verify(topic, trusted.public_key)
 
     def _receive_enroll(self, topic: str, parsed: envelope.Parsed) -> Message:
         """Enroll requests are self-signed: the key inside the payload must be the one that signed it."""
@@ -247,7 +246,7 @@ class Receiver:
             raise WrongTopic(f"a {message.header.type} does not belong on an enroll topic")
         if envelope.kid_for(body.key) != parsed.kid:
             raise BadSignature("enroll request: kid does not match the key it carries")
-        _verify_and_decode(parsed, topic, nacl.signing.VerifyKey(body.key))
+        _verify_and_decode(parsed, topic, body.key)
         if message.header.fleet != self.fleet:
             raise WrongTopic(f"enroll for fleet {message.header.fleet!r}, this receiver serves {self.fleet!r}")
         return message
@@ -262,7 +261,7 @@ class Receiver:
             raise UnknownKey(f"no trusted key has kid {parsed.kid.hex()}")
         if trusted.owner != HUB_ID:
             raise WrongSender(f"key {parsed.kid.hex()} belongs to {trusted.owner!r}, not to the hub")
-        message = _verify_and_decode(parsed, topic, trusted.verify_key)
+        message = _verify_and_decode(parsed, topic, trusted.public_key)
         if not isinstance(message.body, HubState) or message.header.src != HUB_ID:
             raise WrongTopic(f"a {message.header.type} from {message.header.src!r} is not a hub state")
         if message.header.fleet != self.fleet:
@@ -278,5 +277,5 @@ class Receiver:
             raise WrongTopic("not a hub state message")
         if envelope.kid_for(message.body.key) != parsed.kid:
             raise BadSignature("hub state: kid does not match the key it carries")
-        _verify_and_decode(parsed, topic, nacl.signing.VerifyKey(message.body.key))
+        _verify_and_decode(parsed, topic, message.body.key)
         return message.body.key

@@ -191,8 +191,8 @@ def test_an_envelope_from_another_encoder_parses_and_verifies(wide: int) -> None
     data = generic_envelope(b"\xa1\x61k\x01", "fleetflow/v1/f/node/n1/hb", key, wide=wide)
     parsed = envelope.parse(data)
     assert (parsed.kid, parsed.payload) == (envelope.kid_for(bytes(key.verify_key)), b"\xa1\x61k\x01")
-    parsed.verify("fleetflow/v1/f/node/n1/hb", key.verify_key)
-    assert not parsed.signed_for("fleetflow/v1/f/node/n2/hb", key.verify_key)
+    parsed.verify("fleetflow/v1/f/node/n1/hb", bytes(key.verify_key))
+    assert not parsed.signed_for("fleetflow/v1/f/node/n2/hb", bytes(key.verify_key))
 
 
 @pytest.mark.parametrize("header", [
