@@ -6,9 +6,10 @@ Each round times every operation over the same messages, interleaved, and the ta
 machine noise hits both sides of a ratio alike. Times are the process's CPU time (`time.process_time`), not the wall
 clock: on a machine other processes share, a wall-clock round also counts whatever ran in between.
 "open" is `Receiver.receive`, every check the hub makes; "bare verify" is PyNaCl's `VerifyKey.verify` over
-ready-made Sig_structures. A third row verifies the same bytes with libsodium's `crypto_sign_open` called as the
-receive path calls it (without PyNaCl's wrapper, its allocations and copy): what is left of "open" beyond it is
-the protocol's own work. Target (issue 17): open >= 0.9x bare verify. Prints a table, then one JSON line.
+ready-made Sig_structures. A third row verifies the same bytes with libsodium's `crypto_sign_open` through PyNaCl's
+private cffi module, with no output buffer and no copy: the floor of any verify from Python. What is left of "open"
+beyond it is the protocol's own work (and the public binding's copy, ~1.5 us). Target (issue 17): open >= 0.9x bare
+verify. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations

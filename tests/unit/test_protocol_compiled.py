@@ -1,6 +1,6 @@
 """The receive path's speed-ups keep the protocol's verdicts: the compiled field decoders against a plain walk of the
-same tables, each check's inline `fast` test against its `decode`, and the in-place libsodium verify against PyNaCl's
-`VerifyKey.verify`."""
+same tables, each check's inline `fast` test against its `decode`, and the verify on raw keys (libsodium's signed-message
+form built in one join) against PyNaCl's `VerifyKey.verify`."""
 
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ TOPIC = "fleetflow/v1/f/node/n1/hb"
 @settings(max_examples=200, deadline=None)
 @given(payload=st.binary(max_size=300), flip=st.integers(min_value=-1, max_value=400), other_key=st.booleans(),
        topic=st.sampled_from([TOPIC, "fleetflow/v1/f/node/n2/hb"]))
-def test_the_in_place_verify_agrees_with_pynacl(payload: bytes, flip: int, other_key: bool, topic: str) -> None:
+def test_the_raw_key_verify_agrees_with_pynacl(payload: bytes, flip: int, other_key: bool, topic: str) -> None:
     data = bytearray(envelope.seal(payload, TOPIC, KEY, envelope.kid_for(bytes(KEY.verify_key))))
     if 0 <= flip < len(data):
         data[flip] ^= 0x01
@@ -140,7 +140,7 @@ def test_the_in_place_verify_agrees_with_pynacl(payload: bytes, flip: int, other
 
 
 @pytest.mark.parametrize("key", [b"", b"k" * 31, b"k" * 33, bytearray(b"k" * 32)])
-def test_a_key_that_is_not_32_raw_bytes_is_refused_before_libsodium_reads_it(key: Any) -> None:
+def test_a_key_that_is_not_32_raw_bytes_is_refused_with_our_error(key: Any) -> None:
     parsed = envelope.parse(envelope.seal(b"\xa0", TOPIC, KEY, envelope.kid_for(bytes(KEY.verify_key))))
     with pytest.raises(LocalProtocolError, match="32 raw bytes"):
         parsed.signed_for(TOPIC, key)
