@@ -50,7 +50,8 @@ class Check:
     describe: str = ""
     # A Python expression over `{v}` that is true only where `decode(v)` would return `v` itself: the compiled codec
     # (protocols/messages.py) tests it inline and calls `decode` only when it is false, which saves a call per field
-    # on the receive path. It may use the names in `FAST_NAMES`. Empty: always call `decode`.
+    # on the receive path. It may use the names in `FAST_NAMES`; `str.format` fills in `{v}`, so a literal brace is
+    # written doubled. Empty: always call `decode`.
     fast: str = ""
 
 

@@ -80,6 +80,8 @@ def _compile_decoder(cls: type) -> Callable[[Mapping[str, Any]], Any]:
     ns: dict[str, Any] = {**FAST_NAMES, "cls": cls, "Invalid": Invalid}
     lines = ["def decode(raw):", "    get = raw.get"]
     for i, (f, spec) in enumerate(zip(_compile(cls), dataclasses.fields(cls))):
+        if spec.kw_only:  # the generated call passes every field by position
+            raise LocalProtocolError(f"{cls.__name__}.{spec.name}: message fields cannot be keyword-only")
         v, path = f"v{i}", "." + f.key
         ns[f"check{i}"] = f.decode
         lines += [f"    {v} = get({f.key!r})", f"    if {v} is None:"]  # absent and null mean the same: the default

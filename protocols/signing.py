@@ -139,9 +139,9 @@ def open_envelope(data: bytes, topic: str, public_key: bytes | nacl.signing.Veri
     This is what the test vectors exercise. `Receiver.receive` adds the keyring, sender, target, expiry and replay.
     """
     parsed = envelope.parse(data, max_size)
-    raw_key = bytes(public_key)
-    if len(raw_key) != envelope.KEY_SIZE:
-        raise LocalProtocolError(f"an Ed25519 public key has {envelope.KEY_SIZE} bytes, got {len(raw_key)}")
+    raw_key = bytes(public_key) if isinstance(public_key, nacl.signing.VerifyKey) else public_key
+    if type(raw_key) is not bytes or len(raw_key) != envelope.KEY_SIZE:
+        raise LocalProtocolError(f"an Ed25519 public key is {envelope.KEY_SIZE} raw bytes or a VerifyKey")
     if parsed.kid != envelope.kid_for(raw_key):
         raise UnknownKey(f"kid {parsed.kid.hex()} does not name this key")
     return _verify_and_decode(parsed, topic, raw_key)

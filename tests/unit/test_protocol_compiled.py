@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from protocols import envelope
 from protocols.checks import FAST_NAMES, Check, Invalid
 from protocols.errors import LocalProtocolError, Malformed
-from protocols.messages import _TABLES, BODY_TYPES, body_from_map
+from protocols.messages import _TABLES, BODY_TYPES, UINT, Body, _compile_decoder, body_from_map, wire
+from protocols.signing import open_envelope
 
 # Values of every CBOR kind our decoder returns, biased toward the edges the checks draw (ranges, sizes, id syntax).
 SCALARS = st.one_of(
@@ -144,3 +145,19 @@ def test_a_key_that_is_not_32_raw_bytes_is_refused_with_our_error(key: Any) -> N
     parsed = envelope.parse(envelope.seal(b"\xa0", TOPIC, KEY, envelope.kid_for(bytes(KEY.verify_key))))
     with pytest.raises(LocalProtocolError, match="32 raw bytes"):
         parsed.signed_for(TOPIC, key)
+
+
+@pytest.mark.parametrize("key", [32, bytearray(b"k" * 32), memoryview(b"k" * 32), "k" * 32])
+def test_open_envelope_takes_raw_bytes_or_a_verify_key_only(key: Any) -> None:
+    data = envelope.seal(b"\xa0", TOPIC, KEY, envelope.kid_for(bytes(KEY.verify_key)))
+    with pytest.raises(LocalProtocolError, match="32 raw bytes or a VerifyKey"):
+        open_envelope(data, TOPIC, key)
+
+
+def test_a_keyword_only_field_is_refused_when_the_codec_is_compiled() -> None:
+    @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+    class KeywordOnly(Body):
+        n: int = wire(UINT)
+
+    with pytest.raises(LocalProtocolError, match="keyword-only"):
+        _compile_decoder(KeywordOnly)
