@@ -16,8 +16,7 @@ from typing import Any, ClassVar, Final, NamedTuple
 
 from .checks import (BOOL, BROKER_PASSWORD, COUNTS, DATA, FAST_NAMES, ID, KEY32, KID8, LABELS, MAC32,
                      MAX_BROKER_PASSWORD, MAX_CONTAINER, MAX_TEXT, METRICS, MIN_BROKER_PASSWORD, NUMBER, POSITIVE, TEXT,
-                     UINT, UINT_MAX,
-                     Check, Encode, Invalid, expected, list_of, map_of, one_of)
+                     UINT, UINT_MAX, Check, Encode, Invalid, expected, list_of, map_of, one_of)
 from .errors import LocalProtocolError, Malformed
 from .topics import is_valid_id
 
@@ -75,8 +74,9 @@ def _compile_decoder(cls: type) -> Callable[[Mapping[str, Any]], Any]:
     """`cls`'s decoder as one straight-line function, generated from its table the way `dataclasses` generates
     `__init__`: each field is read once, tested inline by its check's `fast` expression, passed through its
     `decode` only when that is false, and the instance is built positionally. It runs once per message received,
-    where a loop over the table with a call per field cost twice as much (bench/protocol.py). An error still
-    names the field path, as `exc.at` adds each part while it unwinds."""
+    where a loop over the table with a call per field and a keyword call of the class cost about 1.4 times as much
+    (a heartbeat's body: 2.1 against 1.5 us). An error still names the field path, as `exc.at` adds each part while
+    it unwinds."""
     ns: dict[str, Any] = {**FAST_NAMES, "cls": cls, "Invalid": Invalid}
     lines = ["def decode(raw):", "    get = raw.get"]
     for i, (f, spec) in enumerate(zip(_compile(cls), dataclasses.fields(cls))):

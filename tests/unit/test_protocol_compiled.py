@@ -1,6 +1,6 @@
 """The receive path's speed-ups keep the protocol's verdicts: the compiled field decoders against a plain walk of the
-same tables, each check's inline `fast` test against its `decode`, and the verify on raw keys (libsodium's signed-message
-form built in one join) against PyNaCl's `VerifyKey.verify`."""
+same tables, each check's inline `fast` test against its `decode`, and the verify on raw keys (libsodium's
+signed-message form built in one join) against PyNaCl's `VerifyKey.verify`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 from protocols import envelope
 from protocols.checks import FAST_NAMES, Check, Invalid
 from protocols.errors import LocalProtocolError, Malformed
-from protocols.messages import _TABLES, BODY_TYPES, UINT, Body, _compile_decoder, body_from_map, wire
+from protocols.messages import (_TABLES, BODY_TYPES, UINT, Ack, Assign, AttemptRef, Birth, Body, Cancel, Config, Death,
+                                Drain, Enroll, Heartbeat, HubState, StepEvent, StepResult, Telemetry, _compile_decoder,
+                                body_from_map, wire)
 from protocols.signing import open_envelope
 
 # Values of every CBOR kind our decoder returns, biased toward the edges the checks draw (ranges, sizes, id syntax).
@@ -62,7 +64,7 @@ def reference_decode(cls: type, raw: dict[str, Any]) -> Any:
 def field_maps(cls: type) -> st.SearchStrategy[dict[str, Any]]:
     """Maps with each of `cls`'s wire keys absent or holding a value of any kind (mostly valid ones)."""
     keys = [f.key for f in _TABLES[cls]]
-    valid = {f.key: getattr(example_bodies[cls], f.attr) for f in _TABLES[cls]}
+    valid = {f.key: getattr(EXAMPLE_BODIES[cls], f.attr) for f in _TABLES[cls]}
     return st.fixed_dictionaries({}, optional={k: st.one_of(st.just(_wire(valid[k])), VALUES) for k in keys})
 
 
@@ -74,24 +76,21 @@ def _wire(value: Any) -> Any:
     return value
 
 
-example_bodies: dict[type, Any] = {}
-
-
-def _build_examples() -> None:
-    from protocols.messages import (Ack, Assign, AttemptRef, Birth, Cancel, Config, Death, Drain, Enroll, Heartbeat,
-                                    HubState, StepEvent, StepResult, Telemetry)
+def _examples() -> dict[type, Any]:
+    """One valid body of every type, fields set away from their defaults."""
     ref = AttemptRef("r1", "s1", "a1", 3)
-    for body in (Enroll(b"k" * 32, "rpi4", {"site": "n"}, b"m" * 32, "p" * 20),
-                 Birth("rpi4", "0.1", {"site": "n"}, ("shell",), (ref,), 2, 4, 5.0, 10.0, {"cpu": 4.0}),
-                 Death("lost"), Heartbeat(1, 2, 0, 1, {"full": 2}, True), Telemetry({"cpu": 1.5, "mem": 3.0}, 7),
-                 StepEvent("r1", "s1", "a1", 3, "started", 9, "why", 0.5, 8),
-                 StepResult("r1", "s1", "a1", 3, True, 10, {"out": [1, "x"]}, "err", 11),
-                 Assign("r1", "s1", "a1", 3, "shell", {"cmd": "true"}, 30.0), Cancel((ref,), "moved"), Drain(False),
-                 Config(1.0, 2.0, True), Ack((1, 2), "accepted", b"k" * 8), HubState(True, b"h" * 32, "0.1", b"n" * 32)):
-        example_bodies[type(body)] = body
+    bodies = (Enroll(b"k" * 32, "rpi4", {"site": "n"}, b"m" * 32, "p" * 20),
+              Birth("rpi4", "0.1", {"site": "n"}, ("shell",), (ref,), 2, 4, 5.0, 10.0, {"cpu": 4.0}),
+              Death("lost"), Heartbeat(1, 2, 0, 1, {"full": 2}, True), Telemetry({"cpu": 1.5, "mem": 3.0}, 7),
+              StepEvent("r1", "s1", "a1", 3, "started", 9, "why", 0.5, 8),
+              StepResult("r1", "s1", "a1", 3, True, 10, {"out": [1, "x"]}, "err", 11),
+              Assign("r1", "s1", "a1", 3, "shell", {"cmd": "true"}, 30.0), Cancel((ref,), "moved"), Drain(False),
+              Config(1.0, 2.0, True), Ack((1, 2), "accepted", b"k" * 8),
+              HubState(True, b"h" * 32, "0.1", b"n" * 32))
+    return {type(body): body for body in bodies}
 
 
-_build_examples()
+EXAMPLE_BODIES = _examples()
 
 
 @pytest.mark.parametrize("type_name", sorted(BODY_TYPES))
@@ -112,7 +111,7 @@ def test_the_compiled_decoder_gives_what_the_tables_say(type_name: str, data: st
 
 
 def test_every_type_has_an_example_body() -> None:
-    assert set(example_bodies) == set(BODY_TYPES.values())
+    assert set(EXAMPLE_BODIES) == set(BODY_TYPES.values())
 
 
 KEY = nacl.signing.SigningKey(b"\x07" * 32)
