@@ -99,8 +99,8 @@ class Keyring:
 
     def add(self, owner: str, public_key: bytes) -> bytes:
         check_id(owner, "key owner")
-        if len(public_key) != 32:
-            raise LocalProtocolError(f"an Ed25519 public key has 32 bytes, got {len(public_key)}")
+        if len(public_key) != envelope.KEY_SIZE:
+            raise LocalProtocolError(f"an Ed25519 public key has {envelope.KEY_SIZE} bytes, got {len(public_key)}")
         kid = envelope.kid_for(public_key)
         self._by_kid[kid] = TrustedKey(owner, bytes(public_key))
         return kid
