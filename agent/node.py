@@ -217,21 +217,10 @@ class Agent:
         try:
             while not self.stopping:
                 self.protocol.new_session(self.identity.next_boot())
-                will = self.protocol.death_certificate(self.clock_ms(), "lost")
-                failure: TransportError | None = None
-                entered = False
-                try:
-                    async with self.transport.connect(session_client_id(self.config.node_id),
-                                                      Will(will.topic, will.payload, qos=1)) as session:
-                        connected = entered = True
-                        backoff.reset()
-                        await self._session(session)
-                except* TransportError as group:
-                    failure = group.exceptions[0]  # type: ignore[assignment]
-                except* _Stopped:
-                    pass
-                finally:
-                    self.session = None
+                failure, entered = await self._connect_and_serve()
+                if entered:
+                    connected = True
+                    backoff.reset()
                 asked = False
                 if failure is not None and not entered and self.enroll_transport is not None and not self.stopping:
                     refused = await self._ask_over_enroll_login()
@@ -260,6 +249,46 @@ class Agent:
             self.identity.close()
         if failures:
             raise failures[0]
+
+    async def _connect_and_serve(self) -> tuple[TransportError | None, bool]:
+        """One connection, served until it ends: (the transport's error if it failed, whether it was made). A stop
+        asked while the connection is still being made ends the attempt at once: a silent network would otherwise
+        hold the stop for the transport's whole timeout (10 s, as long as `docker stop` waits before SIGKILL)."""
+        will = self.protocol.death_certificate(self.clock_ms(), "lost")
+        entered = False
+
+        async def attempt() -> TransportError | None:
+            nonlocal entered
+            failure: TransportError | None = None
+            try:
+                async with self.transport.connect(session_client_id(self.config.node_id),
+                                                  Will(will.topic, will.payload, qos=1)) as session:
+                    entered = True  # from here a stop is graceful (`_watch_stop`), never a cancellation
+                    await self._session(session)
+            except* TransportError as group:
+                failure = group.exceptions[0]  # type: ignore[assignment]
+            except* _Stopped:
+                pass
+            finally:
+                self.session = None
+            return failure
+
+        serving = asyncio.create_task(attempt(), name="connection")
+        stop = asyncio.create_task(self._stop_requested.wait(), name="stop-while-connecting")
+        try:
+            await asyncio.wait({serving, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not serving.done() and not entered:
+                serving.cancel()
+            await asyncio.wait({serving})
+        except asyncio.CancelledError:  # this agent cancelled (a simulated power cut): so is its connection, awaited
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
+            raise
+        finally:
+            stop.cancel()
+        if serving.cancelled():
+            return None, False
+        return serving.result(), entered
 
     def _background_failed(self, task: asyncio.Task[None], failures: list[BaseException]) -> None:
         error = None if task.cancelled() else task.exception()

@@ -79,6 +79,17 @@ class Census:
     faults: tuple[str, ...] = ()
 
 
+def faults_settled(nodes: list[dict[str, Any]], killed: set[str], partitioned: set[str], cut_off: set[str],
+                   outbox: int) -> bool:
+    """The faults are over as the hub and the devices see them: every device whose power was cut is failed or
+    offline at the hub, no partition is still on, every device whose partition healed is online again, and the
+    running devices' outboxes hold nothing (`outbox`: their count of unacknowledged entries)."""
+    liveness = {node["id"]: node["liveness"] for node in nodes}
+    return (not cut_off and outbox == 0
+            and all(liveness.get(node) in ("failed", "offline") for node in killed)
+            and all(liveness.get(node) == "online" for node in partitioned - killed))
+
+
 def fleet_table(title: str, census: Census) -> Table:
     table = Table(title=title)
     table.add_column("what")
@@ -235,8 +246,9 @@ class Driver:
                 await workload
             finally:
                 workload.cancel()
-            self.phase = "waiting for every run to end"
-            await self._wait(self._ended, scenario.end_deadline_s, "every run to end", every=0, give_up=True)
+            self.phase = "waiting for every run to end and every outbox to drain"
+            await self._wait(self._ended, scenario.end_deadline_s, "every run to end and every outbox to drain",
+                             every=0, give_up=True)
             await asyncio.sleep(scenario.settle_s)
             self.phase = "checking"
             evidence = await self._evidence()
@@ -260,7 +272,9 @@ class Driver:
         keys = node_keys(root, nodes)
         keys[HUB_ID] = bytes.fromhex(self.orchestra.hub_key)
         killed = self.orchestra.killed
-        faults = FaultLog(list(self.ctx.messages), killed, self.orchestra.partitioned, set(killed),
+        # A device still cut off at the end (its partition outlasted the wait) keeps what it holds, as one powered off.
+        down = set(killed) | self.orchestra.cut_off
+        faults = FaultLog(list(self.ctx.messages), killed, self.orchestra.partitioned, down,
                           anywhere=any(entry.startswith("broker restarted") for entry in self.ctx.applied))
         return Evidence(recording.epoch_ms, keys, recording.records, [], events,
                         {node: found.entries for node, found in outboxes.items()}, list(self.expected), None,
@@ -295,12 +309,14 @@ class Driver:
         await self._wait(lambda: entry.fault.apply(ctx), entry.wait_s, f"{aim} (for {type(entry.fault).__name__})")
 
     async def _ended(self) -> bool:
-        """Every submitted run is over and every device whose power was cut is seen as such."""
+        """Every submitted run is over, every device whose power was cut is seen as such, every partition has healed
+        with its devices back online, and the devices' outboxes are empty (as their last stats line says): a result
+        held through a partition is resent and acknowledged before the checker reads the outboxes."""
         await self._next_round()
-        if not self._runs.all_terminal(list(self.ctx.runs.values())):
-            return False
-        killed = self.orchestra.killed
-        return all(n["liveness"] in ("failed", "offline") for n in self._nodes if n["id"] in killed)
+        orchestra = self.orchestra
+        return (self._runs.all_terminal(list(self.ctx.runs.values()))
+                and faults_settled(self._nodes, set(orchestra.killed), set(orchestra.partitioned), orchestra.cut_off,
+                                   orchestra.outbox))
 
     @contextlib.asynccontextmanager
     async def _live_table(self, scenario: Scenario) -> AsyncIterator[None]:

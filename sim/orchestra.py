@@ -49,6 +49,7 @@ class Worker:
     killed: dict[str, int] = field(default_factory=dict)
     killed_running: dict[str, list[str]] = field(default_factory=dict)  # node -> attempts it ran when cut
     partitioned: dict[str, int] = field(default_factory=dict)
+    healed: dict[str, int] = field(default_factory=dict)  # node -> when its last partition healed
     late: list[str] = field(default_factory=list)  # devices that did not stop within the worker's bound
     hits: list[tuple[str, str, list[str]]] = field(default_factory=list)  # (fault, node, attempts it was running)
     reader: asyncio.Task[None] | None = None
@@ -105,6 +106,9 @@ class Orchestra:
                 worker.late = list(event.get("late", []))
             elif event.get("event") == "partitioned":
                 worker.partitioned[event["node"]] = event["at"]
+                worker.healed.pop(event["node"], None)
+            elif event.get("event") == "healed":
+                worker.healed[event["node"]] = event["at"]
 
     def owner(self, node: str) -> Worker:
         return next(w for w in self.workers if node in w.nodes)
@@ -122,6 +126,11 @@ class Orchestra:
     @property
     def partitioned(self) -> dict[str, int]:
         return {node: at for w in self.workers for node, at in w.partitioned.items()}
+
+    @property
+    def cut_off(self) -> set[str]:
+        """Devices whose partition has not healed yet."""
+        return {node for w in self.workers for node in w.partitioned if node not in w.healed}
 
     @property
     def connected(self) -> int:

@@ -147,6 +147,19 @@ def _read_in_bursts(client: Any, burst: int, on_backlog: Callable[[bool], None] 
     client.loop_read = loop_read
 
 
+def _reset(client: aiomqtt.Client) -> None:
+    """Reset the client's TCP connection, if it has one: paho reads the end on the socket's next readiness and closes
+    it (aiomqtt unregisters it then). After a connect cancelled while it waited for the CONNACK, the socket is closed
+    at once rather than when the client object is collected (seconds later)."""
+    paho = getattr(client, "_client", None)  # aiomqtt's paho client
+    sock = paho.socket() if paho is not None else None
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 class MqttTransport:
     def __init__(self, settings: BrokerSettings, incoming: Callable[..., Any] | None = None, read_burst: int = 1,
                  on_backlog: Callable[[bool], None] | None = None) -> None:
@@ -162,13 +175,8 @@ class MqttTransport:
     def abort(self) -> None:
         """Drop the connection like a power cut: a TCP reset, no DISCONNECT, so the broker publishes the Will.
         Used by the simulator's fault injection."""
-        paho = getattr(self._client, "_client", None)
-        sock = paho.socket() if paho is not None else None
-        if sock is None:
-            return
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.shutdown(socket.SHUT_RDWR)
+        if self._client is not None:
+            _reset(self._client)
 
     @contextlib.asynccontextmanager
     async def connect(self, client_id: str, will: Will | None) -> AsyncIterator[Session]:
@@ -195,6 +203,9 @@ class MqttTransport:
             await client.__aenter__()
         except aiomqtt.MqttError as exc:
             raise TransportError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+        except asyncio.CancelledError:  # a stop while connecting (agent/node.py)
+            _reset(client)
+            raise
         self._client = client
         try:
             yield _MqttSession(client)

@@ -23,7 +23,7 @@ from hub.events import RunSubmitted
 from hub.journal import Journal
 from hub.workflow import WorkflowError
 from protocols import FleetflowError
-from sim.driver import Census, _read_files, fleet_table
+from sim.driver import Census, _read_files, faults_settled, fleet_table
 from sim.fault_file import load_faults, parse_faults
 from sim.faults import (BrokerRestart, Busy, FaultContext, Flap, Heat, Kill, KillsLanded, Partition, Pick, Rogue, RunEnded,
                         RunningStep, Scheduled, Skew, Slow, Spike, StepMigrated, needs_relay)
@@ -253,6 +253,22 @@ def test_bounded_waits() -> None:
 
     with pytest.raises(WaitTimeout, match="a stuck probe"):
         asyncio.run(wait_until(stuck, 0.1, "a stuck probe"))
+
+
+def test_the_end_waits_for_partitions_to_heal_and_outboxes_to_drain() -> None:
+    """The checker reads the outboxes once the faults are over: a device back from a partition must be online at the
+    hub and what it held through the partition acknowledged (a CI run checked while it was resending)."""
+    nodes = [{"id": "d1", "liveness": "online"}, {"id": "d2", "liveness": "failed"}, {"id": "d3", "liveness": "online"}]
+    killed, partitioned = {"d2"}, {"d3"}
+    assert faults_settled(nodes, killed, partitioned, set(), 0)
+    assert not faults_settled(nodes, killed, partitioned, {"d3"}, 0)  # the partition is still on
+    assert not faults_settled(nodes, killed, partitioned, set(), 1)   # a device still holds an unacknowledged entry
+    back = [{**n, "liveness": "failed"} if n["id"] == "d3" else n for n in nodes]
+    assert not faults_settled(back, killed, partitioned, set(), 0)    # healed, but the hub has not seen it return
+    alive = [{**n, "liveness": "online"} for n in nodes]
+    assert not faults_settled(alive, killed, partitioned, set(), 0)   # a device whose power was cut, not yet detected
+    # a device partitioned and later killed is judged as killed
+    assert faults_settled([*nodes[:2], {"id": "d3", "liveness": "offline"}], {"d2", "d3"}, partitioned, set(), 0)
 
 
 def test_figures_from_the_hub_metrics() -> None:
