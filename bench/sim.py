@@ -181,7 +181,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a tiny size, for CI (bench/run_all.py --smoke)")
     args = parser.parse_args()
     if args.smoke:
-        args.sizes, args.seconds, args.procs, args.work, args.work_seconds = "10", 6.0, 1, 100, 15.0
+        args.sizes, args.seconds, args.procs, args.work, args.work_seconds = "10", 6.0, 1, 100, 8.0
     sizes: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
