@@ -19,8 +19,8 @@ import contextlib
 import logging
 import random
 import sqlite3
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, TypeVar
 
 from protocols import Heartbeat, Outgoing, ProtocolError, Receiver, ReplayWindow, kid_for
 
@@ -42,6 +42,7 @@ from .runtime.transport import MqttTransport, Session, Transport, TransportError
 from .telemetry import OverlaySource, PsutilSource, TelemetrySource
 
 log = logging.getLogger("fleetflow.agent")
+T = TypeVar("T")
 
 ACK_WAIT_ON_STOP = 5.0
 HUB_STATE_WAIT_S = 2.0
@@ -224,6 +225,8 @@ class Agent:
                 asked = False
                 if failure is not None and not entered and self.enroll_transport is not None and not self.stopping:
                     refused = await self._ask_over_enroll_login()
+                    if self.stopping:  # a stop cut the request short
+                        break
                     if refused is None:
                         asked = connected = True  # the broker is there, and waits for the hub
                     elif first_connection_required and not connected:
@@ -252,8 +255,7 @@ class Agent:
 
     async def _connect_and_serve(self) -> tuple[TransportError | None, bool]:
         """One connection, served until it ends: (the transport's error if it failed, whether it was made). A stop
-        asked while the connection is still being made ends the attempt at once: a silent network would otherwise
-        hold the stop for the transport's whole timeout (10 s, as long as `docker stop` waits before SIGKILL)."""
+        asked while the connection is still being made ends the attempt at once (`_unless_stopped`)."""
         will = self.protocol.death_certificate(self.clock_ms(), "lost")
         entered = False
 
@@ -273,22 +275,27 @@ class Agent:
                 self.session = None
             return failure
 
-        serving = asyncio.create_task(attempt(), name="connection")
-        stop = asyncio.create_task(self._stop_requested.wait(), name="stop-while-connecting")
+        return await self._unless_stopped(attempt(), lambda: not entered), entered
+
+    async def _unless_stopped(self, work: Coroutine[Any, Any, T], cancellable: Callable[[], bool] = lambda: True
+                              ) -> T | None:
+        """`work`'s result, or None if a stop was asked while `cancellable()` held: then `work` is cancelled. A
+        broker that accepts TCP and stays silent would otherwise hold a stop for the transport's whole timeout (10
+        s, as long as `docker stop` waits before SIGKILL)."""
+        task = asyncio.create_task(work)
+        stop = asyncio.create_task(self._stop_requested.wait())
         try:
-            await asyncio.wait({serving, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if not serving.done() and not entered:
-                serving.cancel()
-            await asyncio.wait({serving})
-        except asyncio.CancelledError:  # this agent cancelled (a simulated power cut): so is its connection, awaited
-            serving.cancel()
-            await asyncio.gather(serving, return_exceptions=True)
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done() and cancellable():
+                task.cancel()
+            await asyncio.wait({task})
+        except asyncio.CancelledError:  # this agent cancelled (a simulated power cut): so is `work`, awaited
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
             raise
         finally:
             stop.cancel()
-        if serving.cancelled():
-            return None, False
-        return serving.result(), entered
+        return None if task.cancelled() else task.result()
 
     def _background_failed(self, task: asyncio.Task[None], failures: list[BaseException]) -> None:
         error = None if task.cancelled() else task.exception()
@@ -359,11 +366,19 @@ class Agent:
         the hub accepts the key, it gives the broker that login. No Last Will: that login may not publish one."""
         assert self.enroll_transport is not None
         request = self.protocol.enroll_request(self.clock_ms(), self.identity.broker_password())
-        try:
-            async with self.enroll_transport.connect(session_client_id(self.config.node_id), None) as session:
-                await self._publish(session, request, qos=1)
-        except TransportError as exc:
-            return exc
+        enroll_transport = self.enroll_transport
+
+        async def ask() -> TransportError | None:
+            try:
+                async with enroll_transport.connect(session_client_id(self.config.node_id), None) as session:
+                    await self._publish(session, request, qos=1)
+            except TransportError as exc:
+                return exc
+            return None
+
+        refused = await self._unless_stopped(ask())
+        if refused is not None or self.stopping:  # stopping: the request may have been cut short, no line about it
+            return refused
         self._refusals.warning(("login", "refused"), f"the broker refuses this node's own login ({self.config.node_id}"
                                f"): asked the hub over the enrollment login to enroll kid {self.protocol.kid.hex()} "
                                f"and set up that login; the node connects once the hub accepts it")
