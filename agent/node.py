@@ -255,7 +255,8 @@ class Agent:
 
     async def _connect_and_serve(self) -> tuple[TransportError | None, bool]:
         """One connection, served until it ends: (the transport's error if it failed, whether it was made). A stop
-        asked while the connection is still being made ends the attempt at once (`_unless_stopped`)."""
+        asked before the session serves (connecting, or waiting for the broker to confirm our subscriptions) ends
+        the attempt at once (`_unless_stopped`); from then on the stop is graceful (`_watch_stop`)."""
         will = self.protocol.death_certificate(self.clock_ms(), "lost")
         entered = False
 
@@ -265,7 +266,7 @@ class Agent:
             try:
                 async with self.transport.connect(session_client_id(self.config.node_id),
                                                   Will(will.topic, will.payload, qos=1)) as session:
-                    entered = True  # from here a stop is graceful (`_watch_stop`), never a cancellation
+                    entered = True
                     await self._session(session)
             except* TransportError as group:
                 failure = group.exceptions[0]  # type: ignore[assignment]
@@ -275,7 +276,8 @@ class Agent:
                 self.session = None
             return failure
 
-        return await self._unless_stopped(attempt(), lambda: not entered), entered
+        # `_session` sets `self.session` once subscribed, just before it starts `_watch_stop`: no await in between.
+        return await self._unless_stopped(attempt(), lambda: self.session is None), entered
 
     async def _unless_stopped(self, work: Coroutine[Any, Any, T], cancellable: Callable[[], bool] = lambda: True
                               ) -> T | None:

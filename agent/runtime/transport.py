@@ -204,6 +204,10 @@ class MqttTransport:
         except aiomqtt.MqttError as exc:
             raise TransportError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
         except asyncio.CancelledError:  # a stop while connecting (agent/node.py)
+            # aiomqtt's wait cancelled its `_connected` future, on which its disconnect callback would raise when
+            # the reset closes the socket (an error logged by the loop); a fresh one, as aiomqtt makes itself after a
+            # failed connect, lets the callback see "not connected yet" and return.
+            client._connected = asyncio.get_running_loop().create_future()  # noqa: SLF001
             _reset(client)
             raise
         self._client = client

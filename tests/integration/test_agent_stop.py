@@ -17,12 +17,16 @@ from agent.runtime import transport
 from agent.runtime.transport import BrokerSettings, MqttTransport
 
 
-class SilentBroker:
-    """Accepts TCP and reads; answers the first `refuse` CONNECTs with CONNACK 5 (not authorized), then never answers.
-    `connects` counts the CONNECTs in; `open` the connections the agent has not closed yet."""
+ACCEPT, REFUSE = b"\x20\x02\x00\x00", b"\x20\x02\x00\x05"  # CONNACK: accepted; refused, not authorized
 
-    def __init__(self, refuse: int = 0) -> None:
-        self.refuse, self.connects, self.open = refuse, 0, 0
+
+class SilentBroker:
+    """Accepts TCP and reads; the n-th CONNECT gets `connacks[n]` if there is one, and nothing else is ever answered
+    (no SUBACK, no PUBACK). `connects` counts the CONNECTs in; `open` the connections the agent has not closed."""
+
+    def __init__(self, *connacks: bytes) -> None:
+        self.connacks, self.connects, self.open = connacks, 0, 0
+        self.packets: list[bytes] = []  # the first byte of each later read: the packet types the agent sent
         self.changed = asyncio.Event()
         self.server: asyncio.Server | None = None
 
@@ -41,12 +45,13 @@ class SilentBroker:
         self.open += 1
         first = await reader.read(4096)
         if first[:1] == b"\x10":  # a CONNECT
+            if self.connects < len(self.connacks):
+                writer.write(self.connacks[self.connects])
             self.connects += 1
-            if self.connects <= self.refuse:
-                writer.write(b"\x20\x02\x00\x05")
         self.changed.set()
-        while await reader.read(4096):  # until the agent closes its side
-            pass
+        while data := await reader.read(4096):  # until the agent closes its side
+            self.packets.append(data[:1])
+            self.changed.set()
         self.open -= 1
         self.changed.set()
         writer.close()
@@ -68,34 +73,39 @@ def endless_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(transport, "OPERATION_TIMEOUT_S", 3600.0)
 
 
-def test_a_stop_while_connecting_ends_the_attempt_at_once(tmp_path: Path) -> None:
+def stopped_while(broker: SilentBroker, tmp_path: Path, ready: Callable[[], bool], **settings: Any) -> None:
+    """Run an agent against `broker`, stop it once `ready()`, and check it ends, its sockets closed, with no error
+    reported to the event loop (a callback raising on the way out)."""
     async def scenario() -> None:
-        broker = SilentBroker()
-        agent = agent_for(await broker.start(), tmp_path)
+        errors: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
+        agent = agent_for(await broker.start(), tmp_path, **settings)
         try:
             running = asyncio.create_task(agent.run())
-            await broker.wait(lambda: broker.connects == 1)  # the CONNECT is in: the attempt waits for its CONNACK
+            await broker.wait(ready)
             agent.stop()
             await asyncio.wait_for(running, 60)
             assert agent.session is None
-            await broker.wait(lambda: broker.open == 0)  # the attempt's socket is closed
+            await broker.wait(lambda: broker.open == 0)
+            await asyncio.sleep(0)  # callbacks the closing sockets scheduled
+            assert not errors, errors
         finally:
             broker.close()
 
     asyncio.run(scenario())
+
+
+def test_a_stop_while_connecting_ends_the_attempt_at_once(tmp_path: Path) -> None:
+    broker = SilentBroker()  # the CONNECT is never answered
+    stopped_while(broker, tmp_path, lambda: broker.connects == 1)
+
+
+def test_a_stop_while_subscribing_ends_the_attempt_at_once(tmp_path: Path) -> None:
+    broker = SilentBroker(ACCEPT)  # connected, and the SUBSCRIBE is never answered
+    stopped_while(broker, tmp_path, lambda: b"\x82" in broker.packets)
 
 
 def test_a_stop_while_asking_to_enroll_ends_the_request_at_once(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        broker = SilentBroker(refuse=1)  # the node's own login refused; the enrollment login's CONNECT not answered
-        agent = agent_for(await broker.start(), tmp_path, enroll_username="enroll", enroll_password="a-long-secret")
-        try:
-            running = asyncio.create_task(agent.run())
-            await broker.wait(lambda: broker.connects == 2)
-            agent.stop()
-            await asyncio.wait_for(running, 60)
-            await broker.wait(lambda: broker.open == 0)
-        finally:
-            broker.close()
-
-    asyncio.run(scenario())
+    broker = SilentBroker(REFUSE)  # the node's own login refused; the enrollment login's CONNECT never answered
+    stopped_while(broker, tmp_path, lambda: broker.connects == 2, enroll_username="enroll",
+                  enroll_password="a-long-secret")
