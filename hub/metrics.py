@@ -119,9 +119,11 @@ class HubMetrics:
                                       ["health"], registry=self.registry)
         self.actions = Counter("fleetflow_adaptation_actions", "Adaptation actions taken, by action", ["action"],
                                registry=self.registry)
+        # 0.75 as well as 1: with an edge only at 1 s, a p99 anywhere between 0.5 and 1 s reads "<= 1 s", which cannot
+        # show a target of "under 1 s" (a large fleet's, issue 17) met.
         self.ingest_lag = Histogram("fleetflow_ingest_lag_seconds", "Time from receiving a message to applying it",
                                     registry=self.registry,
-                                    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+                                    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10))
         self.enrollments = Counter("fleetflow_enroll_requests", "Enroll requests, by the verdict they got",
                                    ["verdict"], registry=self.registry)
         self.enroll_dropped = Counter("fleetflow_enroll_pending_dropped",
