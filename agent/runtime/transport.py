@@ -150,7 +150,8 @@ def _read_in_bursts(client: Any, burst: int, on_backlog: Callable[[bool], None] 
 def _reset(client: aiomqtt.Client) -> None:
     """Reset the client's TCP connection, if it has one: paho reads the end on the socket's next readiness and closes
     it (aiomqtt unregisters it then). After a connect cancelled while it waited for the CONNACK, the socket is closed
-    at once rather than when the client object is collected (seconds later)."""
+    at once; left alone it stays open until the client object is collected, if ever (the enrollment request's did not
+    close while the agent ran: tests/integration/test_agent_stop.py)."""
     paho = getattr(client, "_client", None)  # aiomqtt's paho client
     sock = paho.socket() if paho is not None else None
     if sock is None:

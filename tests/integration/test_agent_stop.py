@@ -1,6 +1,7 @@
-"""A stop asked while the agent is still connecting, or still asking to enroll over the enrollment login: a broker
-that accepts TCP and then stays silent (overloaded, or behind a proxy whose far side is cut) must not hold the stop
-for the transport's timeout, which is as long as `docker stop` waits before SIGKILL."""
+"""A stop asked while the agent is still connecting, waiting for its subscriptions to be confirmed, or asking to enroll
+over the enrollment login: a broker that accepts TCP and then stays silent (overloaded, or behind a proxy whose far
+side is cut) must not hold the stop for the transport's timeout, which is as long as `docker stop` waits before
+SIGKILL."""
 
 from __future__ import annotations
 
