@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from protocols import FleetflowError
 
+from .runtime.timeouts import within
+
 if TYPE_CHECKING:
     import nacl.signing
 
@@ -101,7 +103,7 @@ async def stop_process_group(proc: asyncio.subprocess.Process, grace: float) -> 
     """SIGTERM to the process group a child leads (started with start_new_session), SIGKILL after `grace` s."""
     kill_group(proc.pid, signal.SIGTERM)
     try:
-        await asyncio.wait_for(proc.wait(), grace)
+        await within(grace, proc.wait())
     except (asyncio.TimeoutError, asyncio.CancelledError):
         pass
     kill_group(proc.pid, signal.SIGKILL)

@@ -38,6 +38,7 @@ from .runtime.clock import now_ms
 from .runtime.logs import ThrottledLog
 from .runtime.profiles import Profile, load_profile
 from .runtime.startup import StartupError, broker_unreachable
+from .runtime.timeouts import within
 from .runtime.transport import MqttTransport, Session, Transport, TransportError, Will, session_client_id
 from .telemetry import OverlaySource, PsutilSource, TelemetrySource
 
@@ -241,7 +242,7 @@ class Agent:
                 delay = backoff.next()
                 log.info("reconnecting in %.1f s", delay)
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stop_requested.wait(), delay)
+                    await within(delay, self._stop_requested.wait())
             if not self._stopped:  # stopped while offline: still let running steps finish into the outbox
                 await self.runner.drain_and_stop(self.config.grace_period)
         finally:
@@ -322,7 +323,7 @@ class Agent:
         # The retained hub state comes right after our subscribe: waiting a moment for it lets the birth answer
         # it, so its arrival does not ask for a second birth. An absent hub costs only this wait.
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._hub_state_now.wait(), HUB_STATE_WAIT_S)
+            await within(HUB_STATE_WAIT_S, self._hub_state_now.wait())
         await self._publish_birth(session)
         group.create_task(self._heartbeat_loop(session), name="heartbeat")
         group.create_task(self._flusher(session), name="flusher")
@@ -358,7 +359,7 @@ class Agent:
                 await self._hub_key_known.wait()
             await self._publish(session, self.protocol.enroll_request(self.clock_ms()), qos=1)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._enrolled.wait(), backoff.next())
+                await within(backoff.next(), self._enrolled.wait())
         log.info("enrolled with the hub")
 
     async def _ask_over_enroll_login(self) -> TransportError | None:
@@ -491,7 +492,7 @@ class Agent:
         """Sleep one interval; a config command that changes it ends the sleep early."""
         changed = self._interval_changed[which]
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(changed.wait(), seconds)
+            await within(seconds, changed.wait())
         changed.clear()
 
     def _load(self) -> Load:
@@ -543,7 +544,7 @@ class Agent:
             if not entries:
                 self._flush_wake.clear()
                 try:
-                    await asyncio.wait_for(self._flush_wake.wait(), RESEND_AFTER)
+                    await within(RESEND_AFTER, self._flush_wake.wait())
                 except asyncio.TimeoutError:
                     cursor = 0  # nothing new for a while: send what is still unacknowledged again
                 continue
@@ -574,7 +575,7 @@ class Agent:
             self._ack_seen.clear()
             self._wake_flusher()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._ack_seen.wait(), max(0.05, deadline - loop.time()))
+                await within(max(0.05, deadline - loop.time()), self._ack_seen.wait())
         # Death last: the hub must not move steps whose results are about to arrive.
         await self._publish(session, self.protocol.death_certificate(self.clock_ms(), "shutdown"), qos=1)
         self._stopped = True

@@ -19,6 +19,7 @@ from protocols import Assign, AttemptRef, Malformed, StepEvent, StepResult, body
 
 from .executors import Executor, StepContext, StepFailed, kill_process_group
 from .outbox import Outbox, RunningAttempt
+from .runtime.timeouts import within
 
 log = logging.getLogger("fleetflow.agent")
 
@@ -163,7 +164,7 @@ class Runner:
                  ref.fence, cmd.uses)
         began = self.clock_ms()
         try:
-            output = await asyncio.wait_for(self.executors[cmd.uses](dict(cmd.with_), ctx), cmd.timeout)
+            output = await within(cmd.timeout, self.executors[cmd.uses](dict(cmd.with_), ctx))
         except asyncio.TimeoutError:
             outcome: tuple[bool, dict[str, Any], str | None] = (False, {}, f"timed out after {cmd.timeout:g} s")
         except StepFailed as exc:

@@ -34,6 +34,7 @@ import psutil
 from .config import parse_supervised
 from .executors import Executor, Output, StepContext, StepFailed, allowed, kill_group, stop_process_group
 from .runtime.storage import write_private
+from .runtime.timeouts import within
 
 log = logging.getLogger("fleetflow.agent")
 
@@ -72,7 +73,7 @@ async def _run(argv: list[str], timeout: float, grace: float) -> tuple[int | Non
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
                                                 start_new_session=True)
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        out, _ = await within(timeout, proc.communicate())
     except asyncio.TimeoutError:
         await stop_process_group(proc, grace)
         return None, ""
@@ -109,7 +110,7 @@ class Supervisor:
         previous = await self._stop(name)
         entry = await self._start(name, argv)
         try:
-            code = await asyncio.wait_for(asyncio.shield(entry.proc.wait()), settle)
+            code = await within(settle, asyncio.shield(entry.proc.wait()))
         except asyncio.TimeoutError:
             code = None
         if code is not None:

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from agent.runtime.backoff import Backoff
 from agent.runtime.keys import KeyFileError, read_private_text
 from agent.runtime.logs import ThrottledLog
+from agent.runtime.timeouts import within
 from agent.runtime.transport import MqttTransport, Session, Transport, TransportError, session_client_id
 from protocols import HUB_ID, FleetflowError, Topic, TopicFilter, check_id
 
@@ -344,7 +345,7 @@ class BrokerClients:
                 future.cancel()
             self._replies.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), backoff.next())
+                await within(backoff.next(), stop.wait())
 
     async def _read(self, session: Session) -> None:
         async for _topic, payload in session.messages():
@@ -377,7 +378,7 @@ class BrokerClients:
                 if self.wanted.get(node_id) is change:  # others first; this one again after them
                     self._want(node_id, self.wanted.pop(node_id))
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff.next())
+                    await within(backoff.next(), stop.wait())
                 continue
             backoff.reset()
             if self.wanted.get(node_id) is change:  # not replaced by a newer change meanwhile
@@ -392,7 +393,7 @@ class BrokerClients:
             body = {"commands": [{**command, "correlationData": key} for command in commands]}
             await session.publish(CONTROL_TOPIC, json.dumps(body).encode(), qos=1)
             try:
-                responses = await asyncio.wait_for(future, REPLY_TIMEOUT_S)
+                responses = await within(REPLY_TIMEOUT_S, future)
             except asyncio.TimeoutError:
                 # No plugin answers (not loaded, or this login may not use it): the change waits for a new session.
                 raise TransportError(f"no reply on {RESPONSE_TOPIC} within {REPLY_TIMEOUT_S:g} s: is the "

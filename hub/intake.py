@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from agent.runtime.logs import ThrottledLog
+from agent.runtime.timeouts import within
 from protocols import ProtocolError, Receiver
 
 log = logging.getLogger("fleetflow.hub")
@@ -182,7 +183,7 @@ class Intake:
         if self.qsize():
             return
         try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
+            await within(timeout, self._ready.wait())
         except asyncio.TimeoutError:
             pass
 

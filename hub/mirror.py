@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from agent.runtime.backoff import Backoff
+from agent.runtime.timeouts import within
 from agent.runtime.transport import MqttTransport, Session, Transport, TransportError, Will, session_client_id
 from protocols import Telemetry, check_id
 
@@ -236,7 +237,7 @@ class JsonMirror:
             if stop.is_set():
                 break
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), backoff.next())
+                await within(backoff.next(), stop.wait())
 
     async def _serve(self, session: Session, stop: asyncio.Event) -> None:
         await session.publish(self.topics.hub_state, self._hub_state(True), qos=1, retain=True)
@@ -269,8 +270,8 @@ class JsonMirror:
             closed.cancel()
             # Also when the hub cancels this task as it stops: a clean disconnect sends no Will, so say it here.
             with contextlib.suppress(TransportError, asyncio.TimeoutError):
-                await asyncio.wait_for(session.publish(self.topics.hub_state, self._hub_state(False), qos=1,
-                                                       retain=True), OFFLINE_TIMEOUT_S)
+                await within(OFFLINE_TIMEOUT_S, session.publish(self.topics.hub_state, self._hub_state(False), qos=1,
+                                                                retain=True))
 
     async def _publish(self, session: Session, due: list[tuple[tuple[str, str], bytes]]) -> None:
         for start in range(0, len(due), PUBLISH_WINDOW):

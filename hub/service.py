@@ -28,6 +28,7 @@ from agent.runtime.backoff import Backoff
 from agent.runtime.clock import Clock, now_ms
 from agent.runtime.startup import DataLock, broker_unreachable
 from agent.runtime.storage import DurableJSONStorage
+from agent.runtime.timeouts import within
 from agent.runtime.transport import MqttTransport, Session, Transport, TransportError, Will, session_client_id
 from protocols import HUB_ID, Keyring, Outgoing, ReplayWindow, Signer
 
@@ -266,7 +267,7 @@ class Hub:
                 if self._stop.is_set():
                     break
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), backoff.next())
+                    await within(backoff.next(), self._stop.wait())
         finally:
             for task in tasks:
                 task.cancel()

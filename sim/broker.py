@@ -23,6 +23,8 @@ import signal
 import sys
 from pathlib import Path
 
+from agent.runtime.timeouts import within
+
 READY = "ready"
 START_S = 20.0   # the child listens within this, or the demo fails saying so
 STOP_S = 5.0     # a killed child is reaped within this
@@ -64,7 +66,7 @@ class EmbeddedBroker:
                 stdout=asyncio.subprocess.PIPE, stderr=log)
         assert self.proc.stdout is not None
         try:
-            line = await asyncio.wait_for(self.proc.stdout.readline(), START_S)
+            line = await within(START_S, self.proc.stdout.readline())
         except TimeoutError:
             line = b""
         if line.strip().decode() != READY:
@@ -88,7 +90,7 @@ class EmbeddedBroker:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         try:
-            await asyncio.wait_for(proc.wait(), STOP_S)
+            await within(STOP_S, proc.wait())
         except TimeoutError:
             logging.getLogger("fleetflow.demo").warning("the embedded broker (pid %d) was not reaped within %g s",
                                                         proc.pid, STOP_S)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from agent.runtime.timeouts import within
 from hub.client import Client
 from hub.health import Policy
 from hub.journal_commands import JOURNAL_FILE
@@ -127,7 +128,7 @@ async def demo(devices: int, broker: str | None, keep_running: bool, seed: int, 
     finally:
         hub.stop()
         try:
-            await asyncio.wait_for(hub_task, HUB_STOP_S)
+            await within(HUB_STOP_S, hub_task)
         except TimeoutError:
             console.print(f"the hub did not stop within {HUB_STOP_S:g} s")
         if embedded is not None:

@@ -37,6 +37,7 @@ from agent import Agent, AgentConfig, FixedSource
 from agent.runtime.backoff import Backoff
 from agent.runtime.keys import public_path
 from agent.runtime.memory import Faults, MemoryBroker, MemoryTransport, Network
+from agent.runtime.timeouts import within
 from hub.events import RunSubmitted
 from hub.journal import Journal
 from hub.service import Hub, HubConfig
@@ -406,7 +407,7 @@ class World:
                 event = RunSubmitted(now, run_id, data, inputs, None, now + int(1000 * (workflow.timeout or 0)))
                 # A hub that crashes meanwhile never answers; the next one is asked again (same id: idempotent).
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(proc.hub.request([event]), 5.0)
+                    await within(5.0, proc.hub.request([event]))
                     continue
             await asyncio.sleep(1.0)
 

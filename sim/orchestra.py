@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.runtime.timeouts import within
+
 log = logging.getLogger("fleetflow.sim")
 STOP_S = 15.0  # a worker's devices stop within its own bound (sim/worker.py STOP_S); then it is killed
 
@@ -169,14 +171,14 @@ class Orchestra:
 
         async def reap(index: int, worker: Worker) -> None:
             try:
-                await asyncio.wait_for(worker.proc.wait(), STOP_S)
+                await within(STOP_S, worker.proc.wait())
             except asyncio.TimeoutError:
                 log.warning("simulator worker %d did not stop within %g s: killed", index, STOP_S)
                 worker.proc.kill()
                 await worker.proc.wait()
             if worker.reader is not None:
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(worker.reader, 1.0)  # its last lines (`stopped`) are read
+                    await within(1.0, worker.reader)  # its last lines (`stopped`) are read
             if worker.late:
                 log.warning("simulator worker %d: devices %s did not stop within its bound", index,
                             ", ".join(worker.late))

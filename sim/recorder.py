@@ -21,6 +21,7 @@ from pathlib import Path
 
 from agent.runtime.memory import WireRecord
 from agent.runtime.storage import write_private
+from agent.runtime.timeouts import within
 from agent.runtime.transport import BrokerSettings, MqttTransport, TransportError
 
 log = logging.getLogger("fleetflow.sim.recorder")
@@ -76,7 +77,7 @@ class WireRecorder:
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="wire recorder")
         try:
-            await asyncio.wait_for(self._subscribed.wait(), SUBSCRIBED_S)
+            await within(SUBSCRIBED_S, self._subscribed.wait())
         except TimeoutError:
             await self.stop()
             raise TimeoutError(f"the wire recorder could not subscribe to the broker within {SUBSCRIBED_S:g} s") \

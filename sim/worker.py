@@ -23,6 +23,7 @@ from typing import Any
 
 from agent import Agent, AgentConfig, StepContext, StepFailed
 from agent.runtime.clock import now_ms
+from agent.runtime.timeouts import within
 from agent.runtime.transport import BrokerSettings, MqttTransport
 
 from .profiles import DeviceProfile, load_all
@@ -32,6 +33,21 @@ from .telemetry import SimTelemetry
 # A device stops within its grace period (2 s), its wait for the last acks (agent/node.py ACK_WAIT_ON_STOP, 5 s) and
 # its death certificate's publish (the transport's operation timeout): past this, it is cancelled and named.
 STOP_S = 12.0
+CUT_TRIES = 20  # a power cut cancels a device's agent this many times, 0.5 s apart, before it says it could not
+
+log = logging.getLogger("fleetflow.sim")
+
+
+async def cancel_until_done(task: asyncio.Task[Any], tries: int = CUT_TRIES, every: float = 0.5) -> bool:
+    """Cancel `task` again until it ends (True), `tries` times at most, `every` seconds apart. A library's wait
+    (aiomqtt's `asyncio.wait_for`, on Python 3.11) can lose a cancellation that lands as what it waits for completes,
+    and a power cut is never refused."""
+    for _ in range(tries):
+        if task.done():
+            return True
+        task.cancel()
+        await asyncio.wait({task}, timeout=every)
+    return task.done()
 
 
 @dataclass
@@ -131,9 +147,8 @@ async def run(config: dict[str, Any]) -> None:
 
     async def power_cut(device: Device) -> None:
         device.transport.abort()  # no DISCONNECT: the broker publishes the Will
-        if device.task is not None:
-            device.task.cancel()
-            await asyncio.gather(device.task, return_exceptions=True)
+        if device.task is not None and not await cancel_until_done(device.task):
+            log.error("device %s: its agent did not end after %d cancellations", device.node_id, CUT_TRIES)
 
     async def apply(cmd: dict[str, Any]) -> None:
         kind = cmd["cmd"]
@@ -183,7 +198,7 @@ async def run(config: dict[str, Any]) -> None:
         emit("stats", connected=connected, devices=len(devices), outbox=outbox,
              killed=sum(1 for d in devices.values() if d.killed_at is not None), busy=busy)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), 1.0)
+            await within(1.0, stop.wait())
     for device in devices.values():
         if device.killed_at is None:
             device.agent.stop()

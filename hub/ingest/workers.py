@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from agent.runtime.timeouts import within
 from protocols import FleetflowError, ProtocolError, kid_for
 
 from ..protocol import Opened
@@ -101,7 +102,7 @@ class IngestWorkers:
             keys_at = time.monotonic()
             while not stop.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), TICK_S)
+                    await within(TICK_S, stop.wait())
                 self._queue(self.buffer.expire(self.hub.clock()))
                 if self._failure is not None:
                     raise self._failure

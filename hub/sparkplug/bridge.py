@@ -36,6 +36,7 @@ from ..errors import OperatorError, Unavailable
 from ..events import AttemptLost, Event
 from ..tokens import OPERATOR
 from agent.runtime.storage import write_private
+from agent.runtime.timeouts import within
 from .codec import REASONS, finite
 from .edge import (BORN, CLOSING, OFFLINE, WAITING, DeviceView, DrainRequest, EdgeConfig, EdgeNode, Output, Publish,
                    next_bd_seq)
@@ -172,7 +173,7 @@ class SparkplugBridge(NoBridge):
                 self._pending.clear()
                 self._emit(self.edge.closing(self.hub.clock()))
                 with contextlib.suppress(TransportError, asyncio.TimeoutError):
-                    await asyncio.wait_for(self._drain(session), GOODBYE_S)
+                    await within(GOODBYE_S, self._drain(session))
                 raise
             finally:
                 self.edge.disconnected()
@@ -192,7 +193,7 @@ class SparkplugBridge(NoBridge):
                     reader.result()  # the connection was lost: its TransportError
                     return
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), FLEET_EVERY_S)
+                    await within(FLEET_EVERY_S, self._wake.wait())
                 self._wake.clear()
                 now = self.hub.clock()
                 self._sync(now, every=now >= resync_at)
@@ -278,7 +279,7 @@ class SparkplugBridge(NoBridge):
         status = DONE
         params: dict[str, Any] = {"on": request.on}
         try:
-            await asyncio.wait_for(self.hub.node_action(request.node, "drain", request.on), ACTION_TIMEOUT_S)
+            await within(ACTION_TIMEOUT_S, self.hub.node_action(request.node, "drain", request.on))
         except OperatorError as exc:
             log.warning("sparkplug: DCMD drain of node %s not done: %s", request.node, exc)
             status, params["error"] = exc.status, str(exc)

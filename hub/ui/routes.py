@@ -17,6 +17,8 @@ from fastapi import FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
+from agent.runtime.timeouts import within
+
 from .. import __version__
 from .feed import LiveFeed, Subscriber, sse
 from .session import COOKIE, DashboardMiddleware, Sessions
@@ -48,7 +50,7 @@ async def _stream(feed: LiveFeed, subscriber: Subscriber, head: bytes,
         yield head
         while True:
             try:
-                batch = await asyncio.wait_for(subscriber.queue.get(), KEEPALIVE_S)
+                batch = await within(KEEPALIVE_S, subscriber.queue.get())
             except TimeoutError:
                 if not allowed():
                     subscriber.end("the token of this stream is no longer valid; log in again")

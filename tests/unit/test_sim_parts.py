@@ -4,6 +4,7 @@ targets, gates and file), the driver's waits, figures and table."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import asyncio
 import random
 import stat
@@ -33,6 +34,7 @@ from sim.orchestra import Orchestra, parse_mix, plan
 from sim.profiles import PROFILE_MODEL, ProfileFileError, load_all, parse
 from sim.recorder import Gap, Recording
 from sim.telemetry import SimTelemetry
+from sim.worker import cancel_until_done
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -378,3 +380,39 @@ def test_the_simulator_uses_the_agent_through_its_public_api() -> None:
                         (name, path.name) != ("agent.extras", "commands.py"):
                     found.append(f"{path.name}: {name}")
     assert found == []
+
+
+def test_a_power_cut_cancels_again_an_agent_that_lost_a_cancellation() -> None:
+    """A device whose wait lost the first cancellation (as Python 3.11's `asyncio.wait_for` can) still ends; one that
+    never ends is reported as such after the tries run out, never waited for without bound."""
+
+    async def main() -> tuple[int, bool, bool]:
+        lost = 0
+        undying = True
+
+        async def device() -> None:
+            nonlocal lost
+            while True:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    if lost == 0:  # the first one is lost, as a wait_for that completed at that moment loses it
+                        lost += 1
+                        continue
+                    raise
+
+        async def stubborn() -> None:
+            while undying:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(3600)
+
+        task, other = asyncio.create_task(device()), asyncio.create_task(stubborn())
+        await asyncio.sleep(0)
+        ended = await cancel_until_done(task, tries=5, every=0.05)
+        gave_up = not await cancel_until_done(other, tries=3, every=0.01)
+        undying = False  # let it end, so the loop can close
+        other.cancel()
+        await asyncio.wait({other})
+        return lost, ended and task.cancelled(), gave_up
+
+    assert asyncio.run(main()) == (1, True, True)
