@@ -70,7 +70,7 @@ def install_dashboard(app: FastAPI, hub: Hub, access: Access, handles: Callable[
                       ) -> None:
     """Mount the shell and its files, add the session middleware, and bind the handlers of the dashboard's rows of
     hub/api.py `ROUTES` (create_app guards each)."""
-    from ..api import SafeJSONResponse, node_view
+    from ..api import SafeJSONResponse, encoded_off_loop, node_view
 
     sessions = Sessions()
     app.add_middleware(DashboardMiddleware, sessions=sessions)
@@ -112,10 +112,7 @@ def install_dashboard(app: FastAPI, hub: Hub, access: Access, handles: Callable[
 
     @handles("GET", "/ui/fleet")
     async def fleet() -> Response:
-        snapshot = fleet_snapshot(hub)  # on the loop: one consistent state
-        # 5,000 rows are megabytes of JSON: encoded in a thread, so heartbeats keep being read meanwhile
-        body = await asyncio.to_thread(lambda: SafeJSONResponse(snapshot).body)
-        return Response(body, media_type="application/json")
+        return await encoded_off_loop(fleet_snapshot(hub))  # the rows read on the loop: one consistent state
 
     @handles("GET", "/ui/nodes/{node_id}")
     async def node_page(node_id: str) -> Response:
