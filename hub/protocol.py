@@ -26,7 +26,7 @@ from protocols.enrollment import check_enroll_proof
 
 from .clones import CloneWatch
 from .events import ActionTaken, Event, HealthChanged, NodeBorn, NodeDied, NodeSeen, ResultReported, StepReported
-from .health import HealthTracker, Policy
+from .health import HealthTracker, Policy, Threshold
 from .registry import DEFAULT_MAX_PENDING, DEFAULT_TOKEN_USES, Enrollment, EnrollPolicy, token_fingerprint
 from .state import Command, Core, SendAssign, SendCancel, SendConfig, SendDrain
 from .transitions import REACHABLE, Health
@@ -117,6 +117,7 @@ class HubProtocol:
         self.views: dict[str, NodeView] = collections.defaultdict(NodeView)
         self.refused: collections.Counter[str] = collections.Counter()  # by reason, after the intake's screening
         self._rebirth_asked: dict[str, int] = {}
+        self._thresholds: dict[str, dict[str, Threshold]] = {}  # by profile
 
     # -- inbound -------------------------------------------------------------------------------------------------
 
@@ -195,8 +196,12 @@ class HubProtocol:
             return []
         if self.core.overloaded and node.health == Health.HEALTHY:
             return []  # shedding load: only nodes already in trouble are followed closely
-        thresholds = self.policy.thresholds_for(node.profile, self.profile_thresholds(node.profile))
-        self.tracker.seed(node_id, node.health, node.throttled, list(thresholds))
+        thresholds = self._thresholds.get(node.profile)
+        if thresholds is None:  # the policy and a profile's thresholds are fixed for the hub's life
+            thresholds = self._thresholds[node.profile] = self.policy.thresholds_for(
+                node.profile, self.profile_thresholds(node.profile))
+        if node_id not in self.tracker.nodes:
+            self.tracker.seed(node_id, node.health, node.throttled, list(thresholds))
         changes, actions = self.tracker.observe(node_id, metrics, thresholds, at)
         events: list[Event] = [HealthChanged(at, node_id, c.health, c.metric, c.value, c.threshold, c.duration,
                                              c.reason) for c in changes]

@@ -6,6 +6,8 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hub.health import HealthTracker, LoadMonitor, Policy, SelfProtection, Threshold, load_policy
 from hub.workflow import WorkflowError
@@ -93,3 +95,32 @@ def test_load_monitor_needs_consecutive_samples_both_ways() -> None:
     assert "event-loop lag" in monitor.reason
     assert [monitor.observe(5, 1, 1), monitor.observe(500, 1, 1), monitor.observe(5, 1, 1),
             monitor.observe(5, 1, 1)] == [None, None, None, False]
+
+
+_values = st.one_of(st.sampled_from([-12.0, -10.0, -9.0, 0.0, 62.0, 63.0, 69.9, 70.0, 71.0, 79.9, 80.0, 90.0]),
+                    st.floats(-50, 120, allow_nan=False))
+
+
+@settings(max_examples=300, deadline=None)
+@given(high=st.sampled_from([-10.0, 0.0, 63.0, 70.0]), spread=st.sampled_from([0.0, 5.0, 10.0]),
+       hysteresis=st.sampled_from([0.0, 0.1, 0.5]), duration=st.sampled_from([0.0, 2.0, 5.0]),
+       recovery=st.sampled_from([0.0, 3.0, 8.0]), health=st.sampled_from(["healthy", "degraded", "unhealthy"]),
+       samples=st.lists(st.tuples(st.integers(0, 4000), _values, _values), max_size=40))
+def test_the_healthy_shortcut_decides_what_the_full_update_decides(
+        high: float, spread: float, hysteresis: float, duration: float, recovery: float, health: str,
+        samples: list[tuple[int, float, float]]) -> None:
+    """Every sample, on a tracker with the shortcut and one without: the same changes, actions and state, including
+    the `since` of each run (the shortcut must leave them as the four updates would)."""
+    policy = Policy(duration=duration, recovery=recovery, hysteresis=hysteresis, cooldown=3,
+                    triggers=[{"metric": "cpu", "op": ">=", "threshold": high, "duration": 2, "action": "throttle"}])
+    thresholds = {"cpu": Threshold(high=high, critical=high + spread), "temp": Threshold(high=70, critical=80)}
+    fast, full = HealthTracker(policy), HealthTracker(policy)
+    full.fast_path = False
+    for tracker in (fast, full):
+        tracker.seed("n1", health, False, list(thresholds))  # a restart may seed any state
+    at = 0
+    for step, cpu, temp in samples:
+        at += step
+        metrics = {"cpu": cpu, "temp": temp} if step % 3 else {"cpu": cpu}
+        assert fast.observe("n1", metrics, thresholds, at) == full.observe("n1", metrics, thresholds, at)
+        assert fast.nodes == full.nodes
