@@ -107,6 +107,7 @@ class HubMetrics:
         self.registry = CollectorRegistry()
         self.messages = Counter("fleetflow_messages", "Messages received, by type and verdict", ["type", "verdict"],
                                 registry=self.registry)
+        self._accepted: dict[str, Any] = {}  # message type -> its "accepted" child of `messages`
         self.rejected: collections.Counter[str] = collections.Counter()  # after screening (see the collector)
         self.decisions = Counter("fleetflow_decisions", "Core decisions, by kind", ["kind"], registry=self.registry)
         self.step_latency = Histogram("fleetflow_step_seconds", "Step run time, started to result",
@@ -132,6 +133,14 @@ class HubMetrics:
         self.registry.register(_StateCollector(hub))
         if hub.config.node_metrics > 0:
             self.registry.register(_NodeTelemetryCollector(hub, hub.config.node_metrics))
+
+    def accepted(self, message_type: str) -> None:
+        """One message of this type accepted. Once per message ingested: the labelled child is looked up once per type
+        (prometheus_client's `labels()` costs more than the increment)."""
+        child = self._accepted.get(message_type)
+        if child is None:
+            child = self._accepted[message_type] = self.messages.labels(message_type, "accepted")
+        child.inc()
 
     def count_decision(self, event: Any) -> None:
         self.decisions.labels(event.KIND).inc()

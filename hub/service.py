@@ -452,7 +452,7 @@ class Hub:
                 self.intake.log.warning(exc.reason, f"refused {exc.reason}: {item.topic[:120]}: {exc}")
             return ()
         node, body = got.message.header.src, got.message.body
-        self.metrics.messages.labels(got.message.header.type, "accepted").inc()
+        self.metrics.accepted(got.message.header.type)
         if got.enroll is not None:
             self.admin.answer(got.enroll, out.replies, out.senders)  # the registry decides (hub/node_admin.py)
             return ()
