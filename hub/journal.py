@@ -119,7 +119,11 @@ class Journal:
         self._db.execute("BEGIN")
         try:
             self._db.executemany("INSERT INTO events (seq, at, kind, data) VALUES (?, ?, ?, ?)", rows)
-            self._db.executemany("INSERT OR REPLACE INTO marks (sender, boot, top, death_seen) VALUES (?, ?, ?, ?)",
+            # An upsert updates the row in place (REPLACE deletes and inserts it: 2.5 against 2.0 us a mark, and the
+            # hub writes one per sender per batch)
+            self._db.executemany("INSERT INTO marks (sender, boot, top, death_seen) VALUES (?, ?, ?, ?) ON CONFLICT"
+                                 "(sender) DO UPDATE SET boot = excluded.boot, top = excluded.top, "
+                                 "death_seen = excluded.death_seen",
                                  [(sender, *mark) for sender, mark in marks.items()])
             self._db.execute("COMMIT")
         except BaseException:

@@ -113,3 +113,16 @@ def test_registry_writes_once_per_flush_and_survives_reopen(tmp_path: Path) -> N
     assert reopened.request("n7", b"x" * 32, "rpi4", {}, 99, auto).verdict == "taken"
     reopened.set_state("n3", "revoked", 100)  # operator actions are written at once
     assert Registry(tmp_path / "nodes.json").get("n3")["state"] == "revoked"  # type: ignore[index]
+
+
+def test_replay_marks_are_upserted_and_survive_a_reopen(tmp_path: Path) -> None:
+    """A sender's mark is one row, moved by every batch that moves it (boot, top seq, death seen); others are kept."""
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.append_now([], {"n1": (1, 5, False), "n2": (3, 9, False)})
+    journal.append_now(events(1), {"n1": (1, 12, False)})
+    journal.append_now([], {"n1": (2, 1, True)})
+    journal.close()
+    reopened = Journal(tmp_path / "j.sqlite")
+    assert reopened.marks() == {"n1": (2, 1, True), "n2": (3, 9, False)}
+    assert reopened._db.execute("SELECT COUNT(*) FROM marks").fetchone()[0] == 2
+    reopened.close()
