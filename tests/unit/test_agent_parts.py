@@ -231,3 +231,52 @@ def test_a_key_that_is_not_32_bytes_of_hex_is_refused_naming_it(tmp_path: Path) 
             load_key(key)
         with pytest.raises(KeyFileError, match=says):
             parse_public_key(str(key))  # a public key given as a file
+
+
+_STEPS = '''
+import asyncio
+
+
+async def swallows():
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        return {"partial": True}
+
+
+async def fails_to_close():
+    try:
+        await asyncio.sleep(30)
+    finally:
+        raise ConnectionError("could not close the device handle")
+'''
+
+
+@pytest.mark.parametrize("function", ["swallows", "fails_to_close"])
+def test_a_cancelled_attempt_is_reported_cancelled_whatever_its_step_does_with_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, function: str) -> None:
+    """A python step that catches its cancellation and returns, or whose cleanup raises: the hub cancelled the
+    attempt, so the agent says `cancelled` and sends no result (a result, even a success, would be a lie)."""
+    (tmp_path / "ffsteps_cancel.py").write_text(_STEPS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    async def scenario() -> None:
+        enabled, disabled = build_executors(ExecutorPolicy(python=True, python_allow=("ffsteps_cancel:*",)))
+        box = Outbox(tmp_path / "outbox.sqlite")
+        runner = Runner(box, enabled, disabled, 1, lambda: int(time.time() * 1000))
+        runner.assign(Assign("r", "s", "a1", 1, "python", {"function": f"ffsteps_cancel:{function}"}, 30))
+        for _ in range(200):  # bounded: until the step is waiting in its sleep
+            await asyncio.sleep(0.01)
+            if any(e.body.get("event") == "started" for e in box.pending()):
+                break
+        assert runner.cancel((AttemptRef("r", "s", "a1", 1),), "cancelled by the hub") == 1
+        for _ in range(500):
+            if "a1" not in runner.running:
+                break
+            await asyncio.sleep(0.01)
+        assert "a1" not in runner.running
+        sent = [(e.type, e.body.get("event")) for e in box.pending()]
+        assert ("step", "cancelled") in sent
+        assert not [t for t, _ in sent if t == "result"], sent
+
+    asyncio.run(scenario())
