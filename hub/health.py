@@ -33,8 +33,9 @@ class _Model(BaseModel):
 
 
 class Threshold(_Model):
-    high: float = Field(description="at or over this for `duration`: degraded")
-    critical: float = Field(description="at or over this for `duration`: unhealthy (not below high)")
+    high: float = Field(allow_inf_nan=False, description="at or over this for `duration`: degraded")
+    critical: float = Field(allow_inf_nan=False, description="at or over this for `duration`: unhealthy (not below "
+                                                             "high)")
 
     @model_validator(mode="after")
     def _ordered(self) -> Threshold:
@@ -47,7 +48,7 @@ class Trigger(_Model):
     metric: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="a telemetry metric (cpu, mem, disk, "
                                                                         "temp, load1, ...)")
     op: Literal[">", ">=", "<", "<="] = Field(">=", description="how the metric compares with the threshold")
-    threshold: float = Field(description="the value the metric is compared with")
+    threshold: float = Field(allow_inf_nan=False, description="the value the metric is compared with")
     duration: float = Field(60.0, ge=0, description="seconds the comparison must hold before the action fires")
     action: Action = Field(description="what to do; fires once each time the condition has held for `duration`")
 

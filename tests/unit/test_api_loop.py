@@ -74,3 +74,8 @@ def test_the_fleet_answers_are_encoded_in_a_worker_thread(tmp_path: Path, monkey
         assert len(expected) == (150 if "label" in path else 300)
         assert expected[0]["telemetry"] == {"cpu": 12.5, "temp": None}  # NaN, as JSON has it
         assert expected[0]["heartbeat"]["rejected"] == {"busy": 2}
+
+
+def test_the_api_schema_still_shows_what_get_nodes_returns(tmp_path: Path) -> None:
+    schema = create_app(_hub(tmp_path, 1)).openapi()["paths"]["/nodes"]["get"]["responses"]["200"]
+    assert schema["content"]["application/json"]["schema"]["type"] == "array"

@@ -71,6 +71,8 @@ def test_triggers_fire_once_per_episode_and_respect_the_cooldown() -> None:
     ("duration: -1\n", "duration"),
     ("triggers:\n  - {metric: temp, threshold: 80, action: explode}\n", "action"),
     ("thresholds:\n  cpu: {high: 90, critical: 80}\n", "critical (80.0) must not be below high"),
+    ("thresholds:\n  cpu: {high: 70, critical: .nan}\n", "finite number"),  # nan < 70 is false: order passed it
+    ("triggers:\n  - {metric: temp, threshold: .inf, action: alert}\n", "finite number"),
     ("colour: red\n", "Extra inputs are not permitted"),
     ("- a list\n", "must be a YAML mapping"),
 ])
