@@ -205,7 +205,8 @@ class HealthTracker:
                 continue
             value = metrics[metric]
             ms = ns.metrics.get(metric) or ns.metrics.setdefault(metric, _MetricState())
-            if self.fast_path and ms.state == Health.HEALTHY and value < min(threshold.high, threshold.high * (1 - p.hysteresis)):
+            if (self.fast_path and ms.state == Health.HEALTHY
+                    and value < min(threshold.high, threshold.high * (1 - p.hysteresis))):
                 # The common case, under every bound of a healthy metric (critical is never below high): what the
                 # four updates and the transitions below come to, with no change possible. Runs once per metric of
                 # every telemetry message the hub receives.

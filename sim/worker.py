@@ -44,11 +44,11 @@ async def cancel_until_done(task: asyncio.Task[Any], tries: int = CUT_TRIES, eve
     and a power cut is never refused."""
     for _ in range(tries):
         if task.done():
-            if not task.cancelled():
-                task.exception()  # retrieved: an agent that ended on an error is not logged again as unretrieved
-            return True
+            break
         task.cancel()
         await asyncio.wait({task}, timeout=every)
+    if task.done() and not task.cancelled():
+        task.exception()  # retrieved: an agent that ended on an error is not logged again as unretrieved
     return task.done()
 
 
