@@ -81,13 +81,15 @@ async def size_run(tmp: Path, devices: int, seconds: float, procs: int) -> dict[
         broker.stop()
 
 
-def detection(tmp: Path, devices: int = 50, seconds: int = 20) -> dict[str, float]:
-    """Kills and partitions on `devices` devices through `fleetflow sim`, keepalive 5 s."""
+def detection(tmp: Path, devices: int = 50, seconds: int = 20, partition_s: int = 15) -> dict[str, float]:
+    """Kills and partitions on `devices` devices through `fleetflow sim`, keepalive 5 s. A partition must outlast
+    1.5 x keepalive (7.5 s) to be detected; the run ends once it has healed."""
     broker = Broker("mosquitto", tmp / "broker-detect").start()
     hub = HubProcess(broker, "detect", tmp / "hub-detect", args=("--auto-accept", "--log-level", "warning")).start()
     try:
         faults = tmp / "faults.yaml"
-        faults.write_text("faults:\n  - {at: 1, kill: {count: 5}}\n  - {at: 2, partition: {count: 5, for: 15}}\n")
+        faults.write_text("faults:\n  - {at: 1, kill: {count: 5}}\n"
+                          f"  - {{at: 2, partition: {{count: 5, for: {partition_s}}}}}\n")
         report = tmp / "report.json"
         subprocess.run([str(Path(sys.executable).parent / "fleetflow"), "sim", "--broker", broker.url, "--fleet",
                         "detect", "--devices", str(devices), "--duration", str(seconds), "--faults", str(faults), "--keepalive", "5",
@@ -181,7 +183,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a tiny size, for CI (bench/run_all.py --smoke)")
     args = parser.parse_args()
     if args.smoke:
-        args.sizes, args.seconds, args.procs, args.work, args.work_seconds = "10", 6.0, 1, 100, 8.0
+        args.sizes, args.seconds, args.procs, args.work, args.work_seconds = "10", 6.0, 1, 50, 8.0
     sizes: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -204,7 +206,7 @@ def main() -> None:
             best = size
         print(f"\nlargest size sustained (every heartbeat accepted, hub lag p99 < 1 s): {best}")
         watched = 10 if args.smoke else 50
-        figures = detection(tmp, watched, 12 if args.smoke else 20)
+        figures = detection(tmp, watched, 10 if args.smoke else 20, 9 if args.smoke else 15)
         print(f"\nfailure detection on {watched} devices (keepalive 5 s, so 1.5 x keepalive = 7.5 s):")
         print(f"  power cut -> Failed: {figures.get('detection_ms')} ms")
         print(f"  partition -> Failed: {figures.get('partition_detection_ms')} ms")
