@@ -65,6 +65,7 @@ class Route:
     action: str | None = None
     status: int = 200
     nodes: bool = False  # an accepted node may call it too, with a request signed by its key (hub/artifacts/)
+    body: Any = None  # the answer's shape for the API's schema, where the handler encodes it itself (encoded_off_loop)
 
 
 ROUTES: Final[tuple[Route, ...]] = (
@@ -73,7 +74,7 @@ ROUTES: Final[tuple[Route, ...]] = (
     Route("GET", "/metrics", VIEWER),
     Route("GET", "/runs", VIEWER),
     Route("GET", "/runs/{run_id}", VIEWER),
-    Route("GET", "/nodes", VIEWER),
+    Route("GET", "/nodes", VIEWER, body=list[dict[str, Any]]),
     Route("GET", "/nodes/{node_id}", VIEWER),
     Route("POST", "/runs", OPERATOR, "run.submit", 201),
     Route("POST", "/runs/{run_id}/cancel", OPERATOR, "run.cancel"),
@@ -303,10 +304,6 @@ class SafeJSONResponse(JSONResponse):
         return json.dumps(_json_safe(content), ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
-# What the handlers that answer with `encoded_off_loop` return, for the API's schema (their annotation is Response).
-ENCODED_BODIES: Final[dict[tuple[str, str], Any]] = {("GET", "/nodes"): list[dict[str, Any]]}
-
-
 async def encoded_off_loop(content: Any) -> Response:
     """`content` as JSON, encoded in a worker thread. For the large answers (a fleet's nodes: a quarter of a second
     of encoding for 5,000 of them, which on the loop would hold up every message the hub ingests meanwhile).
@@ -526,11 +523,10 @@ def create_app(hub: Hub) -> FastAPI:
         handler = handlers.pop((spec.method, spec.path), None)
         if handler is None:
             raise RuntimeError(f"no handler for {spec.method} {spec.path} (hub/api.py ROUTES)")
-        shape = ENCODED_BODIES.get((spec.method, spec.path))
         app.add_api_route(spec.path, handler, methods=[spec.method], status_code=spec.status,
                           dependencies=[Depends(Guard(spec, access))], include_in_schema=spec.path != "/openapi.json",
                           name=spec.action or f"{spec.method} {spec.path}",
-                          **({"response_model": shape} if shape is not None else {}))
+                          **({"response_model": spec.body} if spec.body is not None else {}))
     if handlers or unguarded(app):
         raise RuntimeError(f"routes without a role in hub/api.py ROUTES: {sorted(handlers) or unguarded(app)}")
     return app
