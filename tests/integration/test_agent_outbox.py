@@ -1,5 +1,5 @@
-"""The outbox across a broker outage and kill -9 (real processes), and when it is full (the real hub and agent in one
-process, on the in-memory broker)."""
+"""The outbox across a broker outage and kill -9 (real processes); when it is full, and the fsync that comes before
+anything of it leaves the device (the real hub and agent in one process, on the in-memory broker)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from agent.runtime.memory import MemoryTransport
+import pytest
+
+from agent.outbox import Outbox
+from agent.runtime.memory import MemoryBroker, MemoryTransport
 from agent.runtime.transport import Session, Will
-from protocols import Ack, ProtocolError, open_envelope
+from protocols import Ack, ProtocolError, cbor, envelope, open_envelope
 from tests.agentprocess import AgentProcess
 from tests.brokers import Broker
 from tests.hubprocess import HubProcess
@@ -174,3 +177,37 @@ def test_full_outbox_sheds_telemetry_keeps_results_and_refuses_work(tmp_path: Pa
         assert await fleet.wait(lambda: fleet.finished(run_id), 300, "the run") == "succeeded"
 
     run_fleet(tmp_path, scenario)
+
+
+def test_a_step_event_leaves_the_device_only_after_an_fsync_that_covers_it(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Power loss must not take back what the hub was told: every step event and result on the wire was in the outbox
+    when an fsync began, and that fsync had returned before the message reached the broker."""
+    brokers: list[MemoryBroker] = []
+    syncs: list[tuple[int, int]] = []  # per fsync: (the outbox's last eid as it began, the wire's length as it ended)
+    real_sync = Outbox.sync
+
+    def recorded_sync(self: Outbox) -> None:
+        last = self._db.execute("SELECT COALESCE(MAX(eid), 0) FROM entries").fetchone()[0]
+        real_sync(self)
+        syncs.append((last, len(brokers[0].wire)))
+
+    monkeypatch.setattr(Outbox, "sync", recorded_sync)
+
+    async def scenario(fleet: MemoryFleet) -> None:
+        brokers.append(fleet.broker)
+        fleet.start_agent("n1", max_concurrent=4)
+        await fleet.wait(lambda: fleet.online("n1"), 30, "n1 online")
+        run_id = await fleet.submit(FILL)
+        assert await fleet.wait(lambda: fleet.finished(run_id), 120, "the run") == "succeeded"
+
+    run_fleet(tmp_path, scenario)
+    checked = 0
+    for index, record in enumerate(brokers[0].wire):
+        if not record.reached or not record.topic.endswith("/n1/evt"):
+            continue
+        eid = cbor.loads(envelope.parse(record.payload).payload)["eid"]
+        assert any(last >= eid and ended <= index for last, ended in syncs), (
+            f"entry {eid} reached the broker (wire record {index}) before an fsync covering it returned: {syncs}")
+        checked += 1
+    assert checked >= 2 * len(FILL["steps"])  # a started and a result per step, at least
