@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from protocols import (DEFAULT_MAX_SIZE, Ack, Assign, Birth, Cancel, Config, Death, Drain, Enroll, Heartbeat, Message,
                        Outgoing, ProtocolError, ReplayWindow, Signer, StepEvent, StepResult, Telemetry, kid_for)
@@ -40,9 +40,10 @@ Reply = tuple[str, Any]  # (node id, message body) sealed for that node by `outg
 ProfileThresholds = Callable[[str], dict[str, dict[str, float]]]  # a firmware profile's thresholds, by profile name
 
 
-@dataclass(frozen=True, slots=True)
-class Opened:
-    """A message an ingest worker verified and decoded, under the key `kid`; `late`: out of its sender's order."""
+class Opened(NamedTuple):
+    """A message an ingest worker verified and decoded, under the key `kid`; `late`: out of its sender's order. (This
+    and `Ingested` are named tuples, not frozen dataclasses: one of each is built per message the hub takes in, and a
+    tuple costs a third as much to build.)"""
 
     message: Message
     kid: bytes
@@ -89,8 +90,7 @@ class EnrollAnswer:
     trust: bool
 
 
-@dataclass(frozen=True)
-class Ingested:
+class Ingested(NamedTuple):
     """What one received message calls for. A refused message has `refused` set and nothing else."""
 
     facts: tuple[Event, ...] = ()
