@@ -165,7 +165,7 @@ class Access:
     async def _write(self, request: Request, caller: Caller, action: str, target: str, params: dict[str, Any],
                      status: int) -> None:
         record = Record(self.clock(), caller.name, caller.role, action, target, _source(request), status, params)
-        await asyncio.to_thread(self.audit.append, record)
+        await self.audit.write(record)
 
     @contextlib.asynccontextmanager
     async def audited(self, request: Request, target: str, **params: Any) -> AsyncIterator[Pending]:

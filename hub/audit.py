@@ -1,7 +1,8 @@
 """The audit log: every operator action, and every refused request, as one signed entry in a hash chain
 (IEC 62443-4-2 CR 2.8 auditable events, CR 2.12 non-repudiation).
 
-DATA/audit.log holds JSON lines, appended and fsync'd before the API answers. An entry:
+DATA/audit.log holds JSON lines, appended and fsync'd before the API answers (the entries of requests that come
+while one is being written go together in the next append: one fsync for all of them). An entry:
 
     {"seq": 7, "at": ms, "who": token name, "role": its role, "action": "run.submit", "target": "r-12",
      "params": {...no secrets...}, "from": client address, "status": HTTP status (0: done by the CLI on the data
@@ -15,7 +16,7 @@ A Sparkplug host's command the hub acts on (hub/sparkplug/bridge.py: a DCMD drai
 "fleetflow audit entry v1\\n" + hash with the hub key `kid` names (hub/keys.py). Entry 1 has a `prev` of 64 zeros. So
 an entry changed, removed or moved breaks the chain or a hash, and one rewritten whole needs the hub's key.
 
-DATA/audit.head, replaced after each entry, names the last entry (seq and hash), signed the same way: a log cut short
+DATA/audit.head, replaced after each append, names the last entry (seq and hash), signed the same way: a log cut short
 at its end no longer matches it. Only a copy of the log kept elsewhere defends against someone holding the hub's
 key, or rolling both files back together; ship the log off the machine for that.
 
@@ -29,6 +30,7 @@ flock of the log while it reads the last entry, writes, fsyncs and replaces the 
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import getpass
 import hashlib
@@ -36,7 +38,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -135,10 +137,16 @@ class AuditLog:
         self.data = Path(data)
         self.path = self.data / LOG_FILE
         self.key = key
+        self._waiting: list[tuple[Record, asyncio.Future[dict[str, Any]]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     def append(self, record: Record) -> dict[str, Any]:
-        """Write `record` as the next entry, durably, and move the head to it. Blocking (flock, fsync): the hub
-        calls it in a worker thread."""
+        """Write `record` as the next entry, durably, and move the head to it. Blocking (flock, fsync)."""
+        return self.append_all([record])[0]
+
+    def append_all(self, records: Sequence[Record]) -> list[dict[str, Any]]:
+        """Write `records` as the next entries, in order, durably (one fsync of the log), then move the head to the
+        last of them. Blocking (flock, fsync)."""
         created = not self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
@@ -158,17 +166,68 @@ class AuditLog:
                     raise AuditError(f"the last line of {self.path} is not an audit entry; run fleetflow audit "
                                      f"verify, and move the log aside to start a new one") from None
             key = self.key()
-            entry = seal(record, seq + 1, prev, key)
-            os.write(fd, canonical(entry) + b"\n")
+            entries = []
+            for record in records:
+                seq += 1
+                entries.append(seal(record, seq, prev, key))
+                prev = entries[-1]["hash"]
+            os.write(fd, b"".join(canonical(entry) + b"\n" for entry in entries))
             os.fsync(fd)
             if created:
                 sync_dir(self.data)
-            head = {"seq": entry["seq"], "hash": entry["hash"], "kid": entry["kid"],
-                    "sig": key.sign(_head_message(entry["seq"], entry["hash"])).signature.hex()}
+            head = {"seq": seq, "hash": prev, "kid": entries[-1]["kid"],
+                    "sig": key.sign(_head_message(seq, prev)).signature.hex()}
             write_private(self.data / HEAD_FILE, json.dumps(head).encode() + b"\n")
         finally:
             os.close(fd)  # releases the lock
-        return entry
+        return entries
+
+    async def write(self, record: Record) -> dict[str, Any]:
+        """`append` from the event loop, in a worker thread, answered once the entry is durable. The appends asked
+        for while one is being written go together in the next (one fsync of the log and one new head for all: a
+        busy API's submissions no longer queue three fsyncs each behind the journal's)."""
+        done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((record, done))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_waiting(), name="audit log writer")
+        return await done
+
+    async def _write_waiting(self) -> None:
+        group: list[tuple[Record, asyncio.Future[dict[str, Any]]]] = []
+        try:
+            while self._waiting:
+                group, self._waiting = self._waiting, []
+                if len(group) == 1:
+                    await self._answer(group[0][1], asyncio.to_thread(self.append, group[0][0]))
+                    continue
+                try:
+                    entries = await asyncio.to_thread(self.append_all, [record for record, _ in group])
+                except Exception:
+                    # One entry's fault (a parameter JSON cannot hold) must not fail the others: each again on its
+                    # own, answered as if it had been asked for alone.
+                    for record, done in group:
+                        await self._answer(done, asyncio.to_thread(self.append, record))
+                    continue
+                for (_, done), entry in zip(group, entries):
+                    if not done.done():
+                        done.set_result(entry)
+        finally:
+            self._writer = None
+            for _, done in [*group, *self._waiting]:  # cancelled (the hub stops): nobody waits forever
+                if not done.done():
+                    done.cancel()
+            self._waiting = []
+
+    @staticmethod
+    async def _answer(done: asyncio.Future[dict[str, Any]], work: Awaitable[dict[str, Any]]) -> None:
+        try:
+            entry = await work
+        except Exception as exc:
+            if not done.done():
+                done.set_exception(exc)
+        else:
+            if not done.done():
+                done.set_result(entry)
 
 
 def local_record(action: str, target: str, params: Mapping[str, Any]) -> Record:

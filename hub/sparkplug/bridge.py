@@ -293,6 +293,6 @@ class SparkplugBridge(NoBridge):
         the event loop (the core loop's too) never waits on the disk; this reader does, one command at a time."""
         record = Record(self.hub.clock(), self.who, OPERATOR, action, target, f"mqtt:{topic}", status, params)
         try:
-            await asyncio.to_thread(self.audit.append, record)
+            await self.audit.write(record)
         except (OSError, AuditError) as exc:  # the action stands either way, as through the API
             log.error("audit log: cannot record %s %s by %s: %s", action, target, self.who, exc)

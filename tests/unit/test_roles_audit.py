@@ -282,6 +282,44 @@ def test_appends_chain_across_writers_and_a_torn_last_line_is_dropped(tmp_path: 
     assert seal(record(9), 9, GENESIS, key)["kid"] == kid_for(bytes(key.verify_key)).hex()
 
 
+def test_writes_asked_for_together_share_one_fsync_and_each_is_answered_with_its_entry(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = SigningKey.generate()
+    log = AuditLog(tmp_path, lambda: key)
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+
+    async def scenario() -> list[dict[str, Any]]:
+        first = await log.write(record(1))  # alone: as before, the log, the head file and the directory
+        assert first["seq"] == 1 and len(synced) == 4  # (the log's first append also syncs its directory)
+        return await asyncio.gather(*(log.write(record(i)) for i in range(2, 22)))
+
+    entries = asyncio.run(scenario())
+    assert [e["seq"] for e in entries] == list(range(2, 22))  # each caller has its own entry, in the order asked
+    assert [e["target"] for e in entries] == [f"r-{i}" for i in range(2, 22)]
+    assert len(synced) - 4 == 3  # twenty entries written as one: one fsync of the log, and the head's two
+    verdict = verify(tmp_path, roots(key))
+    assert verdict.ok and verdict.entries == 21, verdict.message
+    head = json.loads((tmp_path / HEAD_FILE).read_text())
+    assert (head["seq"], head["hash"]) == (21, entries[-1]["hash"])
+
+
+def test_an_entry_that_cannot_be_written_fails_only_its_own_write(tmp_path: Path) -> None:
+    key = SigningKey.generate()
+    log = AuditLog(tmp_path, lambda: key)
+
+    async def scenario() -> list[Any]:
+        return await asyncio.gather(log.write(record(1)), log.write(record(2, odd={1, 2})), log.write(record(3)),
+                                    return_exceptions=True)
+
+    first, odd, third = asyncio.run(scenario())
+    assert isinstance(odd, TypeError)  # a set is no JSON: that request fails (a 500), the others are on record
+    assert (first["target"], third["target"]) == ("r-1", "r-3")
+    verdict = verify(tmp_path, roots(key))
+    assert verdict.ok and verdict.entries == 2, verdict.message
+
+
 def test_refused_requests_from_one_address_are_audited_within_a_budget_and_the_rest_counted() -> None:
     budget = RefusalBudget(per_minute=3, addresses=2)
     assert [budget.take("a", NOW) for _ in range(5)] == [0, 0, 0, None, None]
