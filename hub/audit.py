@@ -31,6 +31,8 @@ flock of the log while it reads the last entry, writes, fsyncs and replaces the 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import fcntl
 import getpass
 import hashlib
@@ -38,7 +40,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -48,7 +50,7 @@ import nacl.signing
 
 from agent.runtime.clock import now_ms
 from agent.runtime.keys import load_key
-from agent.runtime.storage import sync_dir, write_private
+from agent.runtime.storage import sync_dir, write_all, write_private
 from protocols import FleetflowError, kid_for
 
 from .keys import KEY_FILE, NEXT_KEY_FILE, utc
@@ -63,6 +65,9 @@ HEAD_DOMAIN: Final = b"fleetflow audit head v1\n"
 ROTATE_KEY: Final = "hub.rotate-key"
 LOCAL_STATUS: Final = 0  # an action the CLI did on the data directory itself: no HTTP answer
 MAX_LINE: Final = 1 << 20  # an entry is a few hundred bytes; a longer last line is not ours
+# Entries written together at most. A crash between the log's fsync and the new head leaves the head naming the last
+# entry of the append before, so `verify` accepts a head up to this many entries behind the log.
+MAX_GROUP: Final = 64
 SIGNED: Final = ("seq", "at", "who", "role", "action", "target", "params", "from", "status", "prev", "kid")
 FIELDS: Final = (*SIGNED, "hash", "sig")
 
@@ -142,11 +147,16 @@ class AuditLog:
 
     def append(self, record: Record) -> dict[str, Any]:
         """Write `record` as the next entry, durably, and move the head to it. Blocking (flock, fsync)."""
-        return self.append_all([record])[0]
+        written = self.append_all([record])[0]
+        if isinstance(written, Exception):
+            raise written
+        return written
 
-    def append_all(self, records: Sequence[Record]) -> list[dict[str, Any]]:
+    def append_all(self, records: Sequence[Record]) -> list[dict[str, Any] | Exception]:
         """Write `records` as the next entries, in order, durably (one fsync of the log), then move the head to the
-        last of them. Blocking (flock, fsync)."""
+        last of them. Blocking (flock, fsync). In each record's place: its entry, or why it has none (a parameter JSON
+        cannot hold: that record alone is left out). An error writing the log raises, and what it wrote is taken
+        back: none of these entries is on record, and none is acknowledged."""
         created = not self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
@@ -166,29 +176,42 @@ class AuditLog:
                     raise AuditError(f"the last line of {self.path} is not an audit entry; run fleetflow audit "
                                      f"verify, and move the log aside to start a new one") from None
             key = self.key()
-            entries = []
+            out: list[dict[str, Any] | Exception] = []
+            lines = []
             for record in records:
-                seq += 1
-                entries.append(seal(record, seq, prev, key))
-                prev = entries[-1]["hash"]
-            os.write(fd, b"".join(canonical(entry) + b"\n" for entry in entries))
-            os.fsync(fd)
+                try:
+                    entry = seal(record, seq + 1, prev, key)
+                    lines.append(canonical(entry) + b"\n")
+                except (TypeError, ValueError) as exc:
+                    out.append(exc)
+                    continue
+                seq, prev = entry["seq"], entry["hash"]
+                out.append(entry)
+            if not lines:
+                return out
+            try:
+                write_all(fd, b"".join(lines), self.path)
+                os.fsync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, end)
+                raise
             if created:
                 sync_dir(self.data)
-            head = {"seq": seq, "hash": prev, "kid": entries[-1]["kid"],
+            head = {"seq": seq, "hash": prev, "kid": kid_for(bytes(key.verify_key)).hex(),
                     "sig": key.sign(_head_message(seq, prev)).signature.hex()}
             write_private(self.data / HEAD_FILE, json.dumps(head).encode() + b"\n")
         finally:
             os.close(fd)  # releases the lock
-        return entries
+        return out
 
     async def write(self, record: Record) -> dict[str, Any]:
         """`append` from the event loop, in a worker thread, answered once the entry is durable. The appends asked
-        for while one is being written go together in the next (one fsync of the log and one new head for all: a
-        busy API's submissions no longer queue three fsyncs each behind the journal's)."""
+        for while one is being written go together in the next, up to MAX_GROUP (one fsync of the log and one new
+        head for all: a busy API's requests no longer queue three fsyncs each behind the journal's)."""
         done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting.append((record, done))
-        if self._writer is None:
+        if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_waiting(), name="audit log writer")
         return await done
 
@@ -196,38 +219,23 @@ class AuditLog:
         group: list[tuple[Record, asyncio.Future[dict[str, Any]]]] = []
         try:
             while self._waiting:
-                group, self._waiting = self._waiting, []
-                if len(group) == 1:
-                    await self._answer(group[0][1], asyncio.to_thread(self.append, group[0][0]))
-                    continue
+                group, self._waiting = self._waiting[:MAX_GROUP], self._waiting[MAX_GROUP:]
                 try:
-                    entries = await asyncio.to_thread(self.append_all, [record for record, _ in group])
-                except Exception:
-                    # One entry's fault (a parameter JSON cannot hold) must not fail the others: each again on its
-                    # own, answered as if it had been asked for alone.
-                    for record, done in group:
-                        await self._answer(done, asyncio.to_thread(self.append, record))
-                    continue
-                for (_, done), entry in zip(group, entries):
-                    if not done.done():
-                        done.set_result(entry)
+                    results = await asyncio.to_thread(self.append_all, [record for record, _ in group])
+                except Exception as exc:  # nothing of the group is on record: each request hears why
+                    results = [exc] * len(group)
+                for (_, done), result in zip(group, results):
+                    if done.done():  # its request was cancelled (a client gone): the entry stands all the same
+                        continue
+                    if isinstance(result, Exception):
+                        done.set_exception(result)
+                    else:
+                        done.set_result(result)
         finally:
-            self._writer = None
             for _, done in [*group, *self._waiting]:  # cancelled (the hub stops): nobody waits forever
                 if not done.done():
                     done.cancel()
             self._waiting = []
-
-    @staticmethod
-    async def _answer(done: asyncio.Future[dict[str, Any]], work: Awaitable[dict[str, Any]]) -> None:
-        try:
-            entry = await work
-        except Exception as exc:
-            if not done.done():
-                done.set_exception(exc)
-        else:
-            if not done.done():
-                done.set_result(entry)
 
 
 def local_record(action: str, target: str, params: Mapping[str, Any]) -> Record:
@@ -356,7 +364,8 @@ def verify(data: Path, roots: Mapping[str, bytes] | None = None) -> Verdict:
     data = Path(data)
     trusted = vouched_keys(data, trust_roots(data) if roots is None else roots)
     seqs = {e["seq"] for _, e in read_entries(data) if _problem(e) is None}
-    expected, prev, before = 1, GENESIS, GENESIS
+    expected, prev = 1, GENESIS
+    recent: collections.deque[tuple[int, str]] = collections.deque(maxlen=MAX_GROUP + 1)  # (seq, hash) at the end
     kids: list[str] = []
     last_at: int | None = None
     for number, entry in read_entries(data):
@@ -366,12 +375,13 @@ def verify(data: Path, roots: Mapping[str, bytes] | None = None) -> Verdict:
             problem = _entry_problem(entry, trusted, expected, prev, seqs)
         if problem is not None:
             return Verdict(False, number - 1, f"{where}: {problem}")
-        expected, prev, before = entry["seq"] + 1, entry["hash"], prev
+        expected, prev = entry["seq"] + 1, entry["hash"]
+        recent.append((entry["seq"], prev))
         if entry["kid"] not in kids:
             kids.append(entry["kid"])
         last_at = entry["at"] if isinstance(entry["at"], int) else last_at
     count = expected - 1
-    problem = _head_problem(data, count, {count: prev, count - 1: before}, trusted)
+    problem = _head_problem(data, count, dict(recent), trusted)
     if problem is not None:
         return Verdict(False, count, problem)
     if count == 0:
@@ -405,7 +415,8 @@ def _entry_problem(entry: dict[str, Any], trusted: Mapping[str, bytes], expected
 
 
 def _head_problem(data: Path, count: int, hashes: Mapping[int, str], trusted: Mapping[str, bytes]) -> str | None:
-    """The head names the last entry written (or, after a crash between the two writes, the one before it)."""
+    """The head names the last entry written (or, after a crash between the log's fsync and the new head, the last
+    of the append before: at most MAX_GROUP entries back)."""
     path = data / HEAD_FILE
     if not path.exists():
         return None if count == 0 else f"removed: {HEAD_FILE} is missing, so the end of the log cannot be checked"
@@ -420,7 +431,7 @@ def _head_problem(data: Path, count: int, hashes: Mapping[int, str], trusted: Ma
     if seq > count:
         return (f"removed: the log ends at seq {count} but {HEAD_FILE} says seq {seq} was written "
                 f"(entries cut off its end)")
-    if seq < count - 1:
+    if seq < count - MAX_GROUP:
         return f"changed: {HEAD_FILE} names seq {seq} but the log goes on to seq {count} (the head was rolled back)"
     if hashes.get(seq) != digest:
         return f"changed: {HEAD_FILE} names seq {seq} with another hash than the log's (the log was replaced)"

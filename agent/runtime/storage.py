@@ -37,19 +37,24 @@ def write_private(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        # One write may take only part (a signal, a quota, a full disk); the good file is replaced only by all of it.
-        rest = memoryview(data)
-        while rest:
-            written = os.write(fd, rest)
-            if written <= 0:
-                raise OSError(errno.EIO, f"no progress writing {tmp}")
-            rest = rest[written:]
+        write_all(fd, data, tmp)  # the good file is replaced only by all of it
         os.fsync(fd)
     finally:
         os.close(fd)
     os.chmod(tmp, 0o600)  # an existing temporary file keeps its mode through O_CREAT
     os.replace(tmp, path)
     sync_dir(path.parent)
+
+
+def write_all(fd: int, data: bytes, name: object) -> None:
+    """Write all of `data` at `fd`: one write may take only part (a signal, a quota, a full disk); `name` is the file,
+    for the error."""
+    rest = memoryview(data)
+    while rest:
+        written = os.write(fd, rest)
+        if written <= 0:
+            raise OSError(errno.EIO, f"no progress writing {name}")
+        rest = rest[written:]
 
 
 def sync_dir(directory: Path) -> None:

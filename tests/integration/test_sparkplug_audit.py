@@ -111,13 +111,13 @@ def refused(hub: Hub, reason: str) -> float:
 def test_commands_acted_on_are_audited_and_refused_ones_only_counted(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     threads: list[threading.Thread] = []
-    append = AuditLog.append
+    append_all = AuditLog.append_all
 
-    def watched(self: AuditLog, record: Any) -> dict[str, Any]:
+    def watched(self: AuditLog, records: Any) -> list[Any]:
         threads.append(threading.current_thread())
-        return append(self, record)
+        return append_all(self, records)
 
-    monkeypatch.setattr(AuditLog, "append", watched)
+    monkeypatch.setattr(AuditLog, "append_all", watched)
 
     async def scenario() -> None:
         async with fleet(tmp_path) as (hub, host):

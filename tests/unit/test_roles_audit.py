@@ -16,10 +16,10 @@ import pytest
 from nacl.signing import SigningKey
 
 from agent.runtime.clock import now_ms
-from hub import api
+from hub import api, audit
 from hub.api import ROUTES, Route, create_app, unguarded
-from hub.audit import (GENESIS, HEAD_FILE, LOG_FILE, ROTATE_KEY, AuditLog, Record, RefusalBudget, entry_hash,
-                       seal, verify)
+from hub.audit import (GENESIS, HEAD_FILE, LOG_FILE, MAX_GROUP, ROTATE_KEY, AuditLog, Record, RefusalBudget,
+                       entry_hash, seal, verify)
 from hub.errors import Conflict, NotFound, Unprocessable
 from agent.runtime.storage import write_private
 from hub.tokens import ADMIN, OPERATOR, ROLES, TOKENS_FILE, VIEWER, Caller, TokenStore, allows
@@ -318,6 +318,44 @@ def test_an_entry_that_cannot_be_written_fails_only_its_own_write(tmp_path: Path
     assert (first["target"], third["target"]) == ("r-1", "r-3")
     verdict = verify(tmp_path, roots(key))
     assert verdict.ok and verdict.entries == 2, verdict.message
+
+
+def test_a_crash_before_the_new_head_leaves_a_log_that_verifies_and_a_rolled_back_head_does_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = SigningKey.generate()
+    write_log(tmp_path, key, 2)
+    old_head = (tmp_path / HEAD_FILE).read_text()
+    monkeypatch.setattr(audit, "write_private", lambda path, data: (_ for _ in ()).throw(OSError("power cut")))
+    with pytest.raises(OSError):  # the group is in the log, fsync'd; the crash comes before its head
+        AuditLog(tmp_path, lambda: key).append_all([record(i) for i in range(3, 3 + MAX_GROUP)])
+    verdict = verify(tmp_path, roots(key))
+    assert verdict.ok and verdict.entries == MAX_GROUP + 2, verdict.message  # the head names the append before
+    monkeypatch.undo()
+    write_log(tmp_path, key, 1)  # one entry more: that head is now further back than any append could leave it
+    (tmp_path / HEAD_FILE).write_text(old_head)
+    verdict = verify(tmp_path, roots(key))
+    assert not verdict.ok and "names seq 2 but the log goes on to seq 67 (the head was rolled back)" in verdict.message
+
+
+def test_a_failed_write_takes_back_the_whole_group_and_a_short_write_is_finished(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = SigningKey.generate()
+    write_log(tmp_path, key, 2)
+    size = (tmp_path / LOG_FILE).stat().st_size
+    real_write, real_fsync = os.write, os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
+    log = AuditLog(tmp_path, lambda: key)
+
+    async def three() -> list[Any]:
+        return await asyncio.gather(*(log.write(record(i)) for i in (3, 4, 5)), return_exceptions=True)
+
+    assert all(isinstance(result, OSError) for result in asyncio.run(three()))  # each request hears it failed
+    assert (tmp_path / LOG_FILE).stat().st_size == size  # and nothing of the group stays in the log
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data[:7])))  # a disk taking 7 bytes a go
+    assert [e["seq"] for e in asyncio.run(three())] == [3, 4, 5]  # no entry twice, none lost
+    verdict = verify(tmp_path, roots(key))
+    assert verdict.ok and verdict.entries == 5, verdict.message
 
 
 def test_refused_requests_from_one_address_are_audited_within_a_budget_and_the_rest_counted() -> None:
