@@ -8,6 +8,7 @@ import json
 import os
 import stat
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -282,13 +283,25 @@ def test_appends_chain_across_writers_and_a_torn_last_line_is_dropped(tmp_path: 
     assert seal(record(9), 9, GENESIS, key)["kid"] == kid_for(bytes(key.verify_key)).hex()
 
 
+def failing(error: OSError) -> Callable[..., None]:
+    """A stand-in for a disk call that fails with `error`."""
+    def fail(*_: Any) -> None:
+        raise error
+    return fail
+
+
 def test_writes_asked_for_together_share_one_fsync_and_each_is_answered_with_its_entry(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     key = SigningKey.generate()
     log = AuditLog(tmp_path, lambda: key)
     synced: list[int] = []
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+
+    def counted_fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counted_fsync)
 
     async def scenario() -> list[dict[str, Any]]:
         first = await log.write(record(1))  # alone: as before, the log, the head file and the directory
@@ -325,7 +338,7 @@ def test_a_crash_before_the_new_head_leaves_a_log_that_verifies_and_a_rolled_bac
     key = SigningKey.generate()
     write_log(tmp_path, key, 2)
     old_head = (tmp_path / HEAD_FILE).read_text()
-    monkeypatch.setattr(audit, "write_private", lambda path, data: (_ for _ in ()).throw(OSError("power cut")))
+    monkeypatch.setattr(audit, "write_private", failing(OSError("power cut")))
     with pytest.raises(OSError):  # the group is in the log, fsync'd; the crash comes before its head
         AuditLog(tmp_path, lambda: key).append_all([record(i) for i in range(3, 3 + MAX_GROUP)])
     verdict = verify(tmp_path, roots(key))
@@ -343,7 +356,7 @@ def test_a_failed_write_takes_back_the_whole_group_and_a_short_write_is_finished
     write_log(tmp_path, key, 2)
     size = (tmp_path / LOG_FILE).stat().st_size
     real_write, real_fsync = os.write, os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
+    monkeypatch.setattr(os, "fsync", failing(OSError(5, "EIO")))
     log = AuditLog(tmp_path, lambda: key)
 
     async def three() -> list[Any]:
