@@ -17,6 +17,7 @@ import typer
 
 from agent.runtime.console import fail
 
+from . import gc_policy
 from .client import _meta, refuse_secret_flag
 from .keys import DEFAULT_KEY_OVERLAP, DEFAULT_TOKEN_OVERLAP
 from .config import DEFAULT_KEEPALIVE_S, DEFAULT_MIRROR_INTERVAL_S, DEFAULT_NODE_METRICS_MAX
@@ -179,7 +180,9 @@ def hub_run(broker: Optional[str] = typer.Option(
 
         embedded = await start_embedded_broker(settings.broker) if settings.embedded_broker else None
         try:
-            hub = Hub(config)
+            gc_policy.for_throughput()
+            hub = Hub(config)  # loads the journal (snapshot and tail) and the registry
+            gc_policy.freeze_loaded()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, hub.stop)

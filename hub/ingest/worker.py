@@ -35,6 +35,7 @@ from agent.runtime.transport import BrokerSettings, session_client_id
 from protocols import Keyring, Message, ProtocolError, Receiver, envelope
 from protocols.messages import BODY_TYPES, Body, Header
 
+from .. import gc_policy
 from ..intake import BACKLOG_LASTS_MS
 from . import SHARE_GROUP
 
@@ -247,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     # the whole group must not end one first, which the hub would take for a worker that failed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    gc_policy.for_throughput()
     conn = Connection(fd)
     spec: WorkerSpec = conn.recv()
     logging.basicConfig(level=spec.log_level, stream=sys.stderr,
