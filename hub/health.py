@@ -25,6 +25,7 @@ from .workflow import WorkflowError, load_model_text
 
 Action = Literal["throttle", "migrate", "circuit_break", "drain", "alert", "telemetry_rate"]
 HEALTH_ORDER = {Health.HEALTHY: 0, Health.DEGRADED: 1, Health.UNHEALTHY: 2}
+_first = operator.itemgetter(0)
 OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
 
 
@@ -182,7 +183,8 @@ class _NodeState:
 
 
 class HealthTracker:
-    # The shortcut for a healthy metric under every bound; tests switch it off to compare with the full update.
+    # The shortcuts for a healthy metric under every bound and a healthy node whose metrics did not change; tests
+    # switch them off to compare with the full update.
     fast_path = True
 
     def __init__(self, policy: Policy) -> None:
@@ -200,7 +202,8 @@ class HealthTracker:
         p = self.policy
         ns = self.nodes.setdefault(node, _NodeState())
         changes: list[HealthChange] = []
-        for metric, threshold in sorted(thresholds.items()):
+        full: list[tuple[str, Threshold, float, _MetricState]] = []
+        for metric, threshold in thresholds.items():
             if metric not in metrics:
                 continue
             value = metrics[metric]
@@ -216,6 +219,9 @@ class HealthTracker:
                 if ms.under_critical.since is None:
                     ms.under_critical.since = at
                 continue
+            full.append((metric, threshold, value, ms))
+        # The changes come in the metrics' order (the order of the fast path's metrics changes nothing)
+        for metric, threshold, value, ms in sorted(full, key=_first) if len(full) > 1 else full:
             over_high = ms.over_high.update(value >= threshold.high, at)
             over_critical = ms.over_critical.update(value >= threshold.critical, at)
             under_high = ms.under_high.update(value < threshold.high * (1 - p.hysteresis), at)
@@ -235,7 +241,9 @@ class HealthTracker:
             if new != ms.state:
                 changes.append(HealthChange(node, new, ms.state, metric, value, used, round(held, 3), at))
                 ms.state = new
-        worst = max((m.state for m in ns.metrics.values()), key=HEALTH_ORDER.__getitem__, default=Health.HEALTHY)
+        # No metric changed on a healthy node: every one of its metrics is healthy still, and so is the node.
+        worst = (ns.health if self.fast_path and not changes and ns.health == Health.HEALTHY else
+                 max((m.state for m in ns.metrics.values()), key=HEALTH_ORDER.__getitem__, default=Health.HEALTHY))
         actions: list[ActionDue] = []
         if worst != ns.health:
             previous, ns.health = ns.health, worst

@@ -107,22 +107,32 @@ _values = st.one_of(st.sampled_from([-12.0, -10.0, -9.0, 0.0, 62.0, 63.0, 69.9, 
 @given(high=st.sampled_from([-10.0, 0.0, 63.0, 70.0]), spread=st.sampled_from([0.0, 5.0, 10.0]),
        hysteresis=st.sampled_from([0.0, 0.1, 0.5]), duration=st.sampled_from([0.0, 2.0, 5.0]),
        recovery=st.sampled_from([0.0, 3.0, 8.0]), health=st.sampled_from(["healthy", "degraded", "unhealthy"]),
-       samples=st.lists(st.tuples(st.integers(0, 4000), _values, _values), max_size=40))
+       named=st.booleans(), samples=st.lists(st.tuples(st.integers(0, 4000), _values, _values), max_size=40))
 def test_the_healthy_shortcut_decides_what_the_full_update_decides(
-        high: float, spread: float, hysteresis: float, duration: float, recovery: float, health: str,
+        high: float, spread: float, hysteresis: float, duration: float, recovery: float, health: str, named: bool,
         samples: list[tuple[int, float, float]]) -> None:
-    """Every sample, on a tracker with the shortcut and one without: the same changes, actions and state, including
-    the `since` of each run (the shortcut must leave them as the four updates would)."""
+    """Every sample, on a tracker with the shortcuts and one without: the same changes, actions and state, including
+    the `since` of each run (the shortcut must leave them as the four updates would). A restart seeds a node's health
+    with the names of its metrics, or with none."""
     policy = Policy(duration=duration, recovery=recovery, hysteresis=hysteresis, cooldown=3,
                     triggers=[{"metric": "cpu", "op": ">=", "threshold": high, "duration": 2, "action": "throttle"}])
     thresholds = {"cpu": Threshold(high=high, critical=high + spread), "temp": Threshold(high=70, critical=80)}
     fast, full = HealthTracker(policy), HealthTracker(policy)
     full.fast_path = False
     for tracker in (fast, full):
-        tracker.seed("n1", health, False, list(thresholds))  # a restart may seed any state
+        tracker.seed("n1", health, False, list(thresholds) if named else [])  # a restart may seed any state
     at = 0
     for step, cpu, temp in samples:
         at += step
         metrics = {"cpu": cpu, "temp": temp} if step % 3 else {"cpu": cpu}
         assert fast.observe("n1", metrics, thresholds, at) == full.observe("n1", metrics, thresholds, at)
         assert fast.nodes == full.nodes
+
+
+def test_changes_in_one_sample_come_in_the_metrics_order_whatever_the_profile_lists_first() -> None:
+    tracker = HealthTracker(Policy(duration=0, recovery=0))
+    thresholds = {"temp": Threshold(high=70, critical=80), "mem": Threshold(high=80, critical=90),
+                  "cpu": Threshold(high=70, critical=90)}
+    changes, _ = tracker.observe("n1", {"temp": 85.0, "mem": 10.0, "cpu": 95.0}, thresholds, 1_000)
+    assert [(c.metric, c.health) for c in changes] == [("cpu", "unhealthy"), ("temp", "unhealthy")]
+    assert tracker.nodes["n1"].health == "unhealthy"
