@@ -221,7 +221,7 @@ class HealthTracker:
                 continue
             full.append((metric, threshold, value, ms))
         # The changes come in the metrics' order (the order of the fast path's metrics changes nothing)
-        for metric, threshold, value, ms in sorted(full, key=_first) if len(full) > 1 else full:
+        for metric, threshold, value, ms in sorted(full, key=_first):
             over_high = ms.over_high.update(value >= threshold.high, at)
             over_critical = ms.over_critical.update(value >= threshold.critical, at)
             under_high = ms.under_high.update(value < threshold.high * (1 - p.hysteresis), at)
