@@ -275,6 +275,7 @@ class Driver:
         # A device still cut off at the end (its partition outlasted the wait) keeps what it holds, as one powered off.
         down = set(killed) | self.orchestra.cut_off
         faults = FaultLog(list(self.ctx.messages), killed, self.orchestra.partitioned, down,
+                          self.orchestra.cut_failed,
                           anywhere=any(entry.startswith("broker restarted") for entry in self.ctx.applied))
         return Evidence(recording.epoch_ms, keys, recording.records, [], events,
                         {node: found.entries for node, found in outboxes.items()}, list(self.expected), None,

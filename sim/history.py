@@ -24,7 +24,8 @@ Invariants (id: what the verdict line says):
   everything the hub accepted (journaled facts, acks, replay marks) is backed by verified messages, each counted
   once (a byte-for-byte copy is the same message);
 - refusals: every forged or replayed message a fault injected was refused, judged message by message;
-- killed-detected, partition-detected: every device powered off or cut off was declared gone, after the fault;
+- killed-detected, partition-detected: every device powered off or cut off was declared gone, after the fault, and
+  every power cut took (a device whose agent outlived it fails the first: the fault never happened);
 - replay: `Core().fold(journal)` gives the hub's final core (when it is known).
 
 Acceptance is observed by folding the journal with the core class the hub ran: a result is accepted when applying

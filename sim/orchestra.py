@@ -54,7 +54,28 @@ class Worker:
     healed: dict[str, int] = field(default_factory=dict)  # node -> when its last partition healed
     late: list[str] = field(default_factory=list)  # devices that did not stop within the worker's bound
     hits: list[tuple[str, str, list[str]]] = field(default_factory=list)  # (fault, node, attempts it was running)
+    cut_failed: list[str] = field(default_factory=list)  # devices whose agent outlived a power cut (sim/worker.py)
     reader: asyncio.Task[None] | None = None
+
+    def note(self, event: dict[str, Any]) -> None:
+        """One event the worker printed."""
+        kind = event.get("event")
+        if kind == "stats":
+            self.stats = event
+        elif kind == "killed":
+            self.killed[event["node"]] = event["at"]
+            self.killed_running[event["node"]] = list(event.get("running", []))
+        elif kind == "cut-failed":
+            self.cut_failed.append(event["node"])
+        elif kind == "hit":
+            self.hits.append((event["fault"], event["node"], list(event.get("running", []))))
+        elif kind == "stopped":
+            self.late = list(event.get("late", []))
+        elif kind == "partitioned":
+            self.partitioned[event["node"]] = event["at"]
+            self.healed.pop(event["node"], None)
+        elif kind == "healed":
+            self.healed[event["node"]] = event["at"]
 
     async def send(self, command: dict[str, Any]) -> None:
         assert self.proc.stdin is not None
@@ -97,20 +118,7 @@ class Orchestra:
                 event = json.loads(line)
             except ValueError:
                 continue
-            if event.get("event") == "stats":
-                worker.stats = event
-            elif event.get("event") == "killed":
-                worker.killed[event["node"]] = event["at"]
-                worker.killed_running[event["node"]] = list(event.get("running", []))
-            elif event.get("event") == "hit":
-                worker.hits.append((event["fault"], event["node"], list(event.get("running", []))))
-            elif event.get("event") == "stopped":
-                worker.late = list(event.get("late", []))
-            elif event.get("event") == "partitioned":
-                worker.partitioned[event["node"]] = event["at"]
-                worker.healed.pop(event["node"], None)
-            elif event.get("event") == "healed":
-                worker.healed[event["node"]] = event["at"]
+            worker.note(event)
 
     def owner(self, node: str) -> Worker:
         return next(w for w in self.workers if node in w.nodes)
@@ -145,6 +153,11 @@ class Orchestra:
     @property
     def killed(self) -> dict[str, int]:
         return {node: at for w in self.workers for node, at in w.killed.items()}
+
+    @property
+    def cut_failed(self) -> list[str]:
+        """Devices a power cut was sent to whose agent did not end: the fault did not happen."""
+        return [node for w in self.workers for node in w.cut_failed]
 
     @property
     def killed_running(self) -> dict[str, list[str]]:

@@ -147,10 +147,14 @@ async def run(config: dict[str, Any]) -> None:
                 return
             asyncio.create_task(apply(cmd))
 
-    async def power_cut(device: Device) -> None:
+    async def power_cut(device: Device, fault: str) -> bool:
+        """False (and said, as a `cut-failed` event the checker fails the run on) when the agent outlived it."""
         device.transport.abort()  # no DISCONNECT: the broker publishes the Will
-        if device.task is not None and not await cancel_until_done(device.task):
-            log.error("device %s: its agent did not end after %d cancellations", device.node_id, CUT_TRIES)
+        if device.task is None or await cancel_until_done(device.task):
+            return True
+        log.error("device %s: its agent did not end after %d cancellations", device.node_id, CUT_TRIES)
+        emit("cut-failed", node=device.node_id, fault=fault)
+        return False
 
     async def apply(cmd: dict[str, Any]) -> None:
         kind = cmd["cmd"]
@@ -161,8 +165,8 @@ async def run(config: dict[str, Any]) -> None:
             if kind == "kill":
                 device.killed_at = time.time()  # before the cut: detection is measured from this moment
                 running = sorted(device.agent.runner.running)
-                await power_cut(device)
-                emit("killed", node=node, at=int(device.killed_at * 1000), running=running)
+                if await power_cut(device, kind):
+                    emit("killed", node=node, at=int(device.killed_at * 1000), running=running)
             elif kind == "heat":
                 device.telemetry.overrides["temp"] = float(cmd["temp"])
                 emit("heated", node=node, temp=float(cmd["temp"]))
@@ -183,7 +187,8 @@ async def run(config: dict[str, Any]) -> None:
                 emit("healed", node=node, at=now_ms())
             elif kind == "flap":
                 for _ in range(int(cmd["times"])):
-                    await power_cut(device)
+                    if not await power_cut(device, kind):
+                        break  # no second agent of the node beside the one still running
                     emit("flapped", node=node, at=now_ms())
                     await asyncio.sleep(float(cmd["every"]))
                     fresh = make(specs[node], device.telemetry, device.relay, device.skew_ms)

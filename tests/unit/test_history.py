@@ -347,3 +347,17 @@ def test_detection_figures_give_the_worst_the_mean_and_the_99th_percentile() -> 
     detections(history.evidence(faults=FaultLog(killed=killed)), verdict)
     assert verdict.figures["detection_ms"] == {"max": 200, "mean": 100, "p99": 198}
     assert verdict.passed
+
+
+def test_a_power_cut_that_did_not_take_fails_the_detection_check() -> None:
+    history = one_good_run()
+    history.log(NodeDied(ms(10.0) + 5, "d001", 1))
+    for faults in (FaultLog(killed={"d001": ms(10.0)}, cut_failed=["d002"]), FaultLog(cut_failed=["d002"])):
+        verdict = Verdict()
+        detections(history.evidence(faults=faults), verdict)
+        assert not verdict.passed
+        assert [v.invariant for v in verdict.violations] == ["killed-detected"]
+        assert "d002: its power cut did not take" in verdict.violations[0].detail
+    verdict = Verdict()
+    detections(history.evidence(faults=FaultLog(killed={"d001": ms(10.0)})), verdict)
+    assert verdict.passed

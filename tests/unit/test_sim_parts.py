@@ -30,7 +30,7 @@ from sim.faults import (BrokerRestart, Busy, FaultContext, Flap, Heat, Kill, Kil
                         RunningStep, Scheduled, Skew, Slow, Spike, StepMigrated, needs_relay)
 from sim.hub_api import (READS_PER_ROUND, HubApi, RunStates, WaitTimeout, lag_p99, messages_total, refused_total,
                          wait_until)
-from sim.orchestra import Orchestra, parse_mix, plan
+from sim.orchestra import Orchestra, Worker, parse_mix, plan
 from sim.profiles import PROFILE_MODEL, ProfileFileError, load_all, parse
 from sim.recorder import Gap, Recording
 from sim.telemetry import SimTelemetry
@@ -220,6 +220,22 @@ def test_aimed_faults_wait_for_their_target(fleet: tuple[FaultContext, Recording
     cut_off = [node for node, command in orchestra.sent if command == {"cmd": "kill"}]
     assert len(set(cut_off)) == 2 and set(cut_off) <= {"d-0", "d-2", "d-5"}
     assert ctx.applied == ["d-1 overheats (95 C)", f"power cut: {', '.join(cut_off)}"]
+
+
+def test_a_power_cut_the_agent_outlived_is_said_and_not_counted_as_a_kill(
+        fleet: tuple[FaultContext, RecordingOrchestra, FakeHub]) -> None:
+    ctx, recording, _ = fleet
+    orchestra = Orchestra("mqtt://127.0.0.1:1", "f", "00" * 32, Path("/nonexistent"), recording.devices)
+    worker = Worker(None, ["d-0", "d-1"])  # type: ignore[arg-type]  # fed its printed events, never started
+    orchestra.workers.append(worker)
+    ctx.orchestra = orchestra
+    ctx.kills_sent.update({"d-0", "d-1"})
+    worker.note({"event": "killed", "node": "d-1", "at": 5, "running": ["a1"]})
+    assert not asyncio.run(KillsLanded().holds(ctx))  # d-0's cut has not been carried out yet
+    worker.note({"event": "cut-failed", "node": "d-0", "fault": "kill"})
+    assert asyncio.run(KillsLanded().holds(ctx))  # said not to have taken: nothing to wait for
+    assert orchestra.killed == {"d-1": 5} and orchestra.killed_running == {"d-1": ["a1"]}
+    assert orchestra.cut_failed == ["d-0"]
 
 
 def test_the_broker_restart_says_what_it_did(fleet: tuple[FaultContext, RecordingOrchestra, FakeHub]) -> None:
