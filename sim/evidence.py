@@ -54,7 +54,7 @@ class FaultLog:
     killed: dict[str, int] = field(default_factory=dict)       # node -> ms its power was cut
     partitioned: dict[str, int] = field(default_factory=dict)  # node -> ms its partition began
     down_at_end: set[str] = field(default_factory=set)         # powered off for good: their outboxes may keep entries
-    cut_failed: list[str] = field(default_factory=list)        # a power cut was sent, but the device's agent outlived it
+    cut_failed: list[str] = field(default_factory=list)        # sent a power cut, but their agent outlived it
     # A fault that could end any device's attempts (a broker restart, the deterministic simulation's lossy network and
     # random agent crashes): the checker then cannot excuse a lost attempt by its node's name alone.
     anywhere: bool = False
