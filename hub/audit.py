@@ -156,7 +156,8 @@ class AuditLog:
         """Write `records` as the next entries, in order, durably (one fsync of the log), then move the head to the
         last of them. Blocking (flock, fsync). In each record's place: its entry, or why it has none (a parameter JSON
         cannot hold: that record alone is left out). An error writing the log raises, and what it wrote is taken
-        back: none of these entries is on record, and none is acknowledged."""
+        back: none of these entries is on record, and none is acknowledged. An error writing the head only logs: the
+        entries are on record, and `verify` accepts a head up to MAX_GROUP entries behind (as after a crash)."""
         created = not self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
@@ -200,7 +201,13 @@ class AuditLog:
                 sync_dir(self.data)
             head = {"seq": seq, "hash": prev, "kid": kid_for(bytes(key.verify_key)).hex(),
                     "sig": key.sign(_head_message(seq, prev)).signature.hex()}
-            write_private(self.data / HEAD_FILE, json.dumps(head).encode() + b"\n")
+            try:
+                write_private(self.data / HEAD_FILE, json.dumps(head).encode() + b"\n")
+            except OSError as exc:
+                # The entries are on record (the log's fsync returned): their requests are answered as done. The head
+                # stays where it was, as after a crash at this point, and the next append writes a new one.
+                log.error("audit log %s: entries up to seq %d are written, but %s could not be replaced (%s); the "
+                          "next append replaces it", self.path, seq, HEAD_FILE, exc)
         finally:
             os.close(fd)  # releases the lock
         return out
