@@ -6,7 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from hub.health import HealthTracker, LoadMonitor, Policy, SelfProtection, Threshold, load_policy
@@ -108,6 +108,9 @@ _values = st.one_of(st.sampled_from([-12.0, -10.0, -9.0, 0.0, 62.0, 63.0, 69.9, 
        hysteresis=st.sampled_from([0.0, 0.1, 0.5]), duration=st.sampled_from([0.0, 2.0, 5.0]),
        recovery=st.sampled_from([0.0, 3.0, 8.0]), health=st.sampled_from(["healthy", "degraded", "unhealthy"]),
        named=st.booleans(), samples=st.lists(st.tuples(st.integers(0, 4000), _values, _values), max_size=40))
+# A bound below zero, where the hysteresis band lies above `high`: -9.5 is over high (-10) yet under high x 0.9 (-9).
+@example(high=-10.0, spread=5.0, hysteresis=0.1, duration=0.0, recovery=0.0, health="healthy", named=False,
+         samples=[(3, -9.5, 0.0)])
 def test_the_healthy_shortcut_decides_what_the_full_update_decides(
         high: float, spread: float, hysteresis: float, duration: float, recovery: float, health: str, named: bool,
         samples: list[tuple[int, float, float]]) -> None:
@@ -124,7 +127,8 @@ def test_the_healthy_shortcut_decides_what_the_full_update_decides(
     at = 0
     for step, cpu, temp in samples:
         at += step
-        metrics = {"cpu": cpu, "temp": temp} if step % 3 else {"cpu": cpu}
+        # both metrics, or one of them (which one is missing changes which metric the pass meets first)
+        metrics = ({"cpu": cpu, "temp": temp}, {"cpu": cpu}, {"temp": temp})[step % 3]
         assert fast.observe("n1", metrics, thresholds, at) == full.observe("n1", metrics, thresholds, at)
         assert fast.nodes == full.nodes
 
@@ -136,3 +140,11 @@ def test_changes_in_one_sample_come_in_the_metrics_order_whatever_the_profile_li
     changes, _ = tracker.observe("n1", {"temp": 85.0, "mem": 10.0, "cpu": 95.0}, thresholds, 1_000)
     assert [(c.metric, c.health) for c in changes] == [("cpu", "unhealthy"), ("temp", "unhealthy")]
     assert tracker.nodes["n1"].health == "unhealthy"
+
+
+def test_a_sample_without_some_metrics_is_judged_on_those_it_has() -> None:
+    tracker = HealthTracker(Policy(duration=0, recovery=0))
+    thresholds = {"cpu": Threshold(high=70, critical=90), "temp": Threshold(high=70, critical=80)}
+    changes, _ = tracker.observe("n1", {"temp": 85.0}, thresholds, 1_000)  # no cpu, the first metric listed
+    assert [(c.metric, c.health) for c in changes] == [("temp", "unhealthy")]
+    assert tracker.nodes["n1"].health == "unhealthy" and "cpu" not in tracker.nodes["n1"].metrics
