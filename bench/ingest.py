@@ -216,7 +216,9 @@ class RunResult:
     accepted: int
     seconds: float
     cpu: dict[str, int] = field(default_factory=dict)  # % of one core over the measured window
-    lost: int = 0
+    lost: int = 0      # sent, never counted by the hub (dropped on the way), the whole run
+    shed: int = 0      # shed by the hub's intake, over the measured window
+    rejected: int = 0  # refused by the hub (any reason), over the measured window
 
 
 def run_hub(tmp: Path, workers: int, traffic: list[list[tuple[str, bytes]]], stream: Stream, args: Any) -> RunResult:
@@ -287,14 +289,14 @@ def pace(scrape: Scraper, sockets: list[socket.socket], stream: Stream, processe
     counts = first
     started = time.monotonic()
     warm_until, end = started + args.warmup, started + args.warmup + args.seconds
-    measuring: tuple[float, float, dict[str, float]] | None = None
+    measuring: tuple[float, dict[str, float], dict[str, float]] | None = None
     profilers: list[subprocess.Popen[bytes]] = []
     last_progress, last_accepted = started, base
     while True:
         now = time.monotonic()
         if measuring is None and now >= warm_until:
             counts = scrape()
-            measuring = (time.monotonic(), counts[ACCEPTED], cpu_seconds(processes))
+            measuring = (time.monotonic(), counts, cpu_seconds(processes))
             if args.profile:
                 profilers = start_profiles(processes, args.seconds, Path(args.profile) / f"workers{workers}")
         if now >= end:
@@ -323,11 +325,13 @@ def pace(scrape: Scraper, sockets: list[socket.socket], stream: Stream, processe
     for profiler in profilers:
         profiler.wait(timeout=60)
     assert measuring is not None
-    t0, accepted0, cpu0 = measuring
+    t0, counts0, cpu0 = measuring
     elapsed = finished - t0
     cpu = {name: round((cpu_after[name] - cpu0[name]) / elapsed * 100) for name in processes}
-    accepted = int(counts[ACCEPTED] - accepted0)
-    return RunResult(workers, accepted / elapsed, accepted, elapsed, cpu, lost)
+    accepted = int(counts[ACCEPTED] - counts0[ACCEPTED])
+    shed = int(counts["fleetflow_intake_shed_total"] - counts0["fleetflow_intake_shed_total"])
+    rejected = int(counts["fleetflow_rejected_total"] - counts0["fleetflow_rejected_total"])
+    return RunResult(workers, accepted / elapsed, accepted, elapsed, cpu, lost, shed, rejected)
 
 
 # -- the reference -----------------------------------------------------------------------------------------------
@@ -387,8 +391,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 reference()
                 r = run_hub(Path(tmp_name) / f"round{round_}", workers, traffic, stream, args)
                 runs[workers].append(r)
-                print(f"--ingest-workers {workers}: {r.rate:8.0f} accepted/s ({r.accepted} in {r.seconds:.1f} s"
-                      f"{f', {r.lost} lost on the way' if r.lost else ''}); CPU % of one core: "
+                print(f"--ingest-workers {workers}: {r.rate:8.0f} accepted/s ({r.accepted} in {r.seconds:.1f} s; "
+                      f"{r.lost} lost on the way, {r.shed} shed, {r.rejected} refused); CPU % of one core: "
                       + ", ".join(f"{k} {v}" for k, v in r.cpu.items()), file=sys.stderr)
                 for collapsed in sorted(Path(args.profile or tmp_name).glob(f"workers{workers}/*.txt")):
                     print(f"  {collapsed.stem}, self time:", file=sys.stderr)
@@ -406,7 +410,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "verify_per_s": round(verify), "target_ingest_ratio": TARGET_INGEST,
                "target_workers_ratio": TARGET_WORKERS, "nodes": args.nodes,
                **{f"ingest_workers{w}_per_s": round(r.rate) for w, r in results.items()},
-               **{f"ingest_workers{w}_cpu": r.cpu for w, r in results.items()}}
+               **{f"ingest_workers{w}_cpu": r.cpu for w, r in results.items()},
+               # what the hub did not accept, in the same median rounds: the rates count accepted messages only
+               **{f"ingest_workers{w}_not_accepted": {"lost": r.lost, "shed": r.shed, "rejected": r.rejected}
+                  for w, r in results.items()}}
     for ratio in (ingest_ratio, workers_ratio):
         print(f"{ratio:.2f}x" if ratio is not None else "n/a (configuration not run)")
     print(json.dumps(figures))

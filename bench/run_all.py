@@ -72,14 +72,18 @@ def protocol_figures(f: dict[str, Any]) -> list[Figure]:
 
 
 def ingest_figures(f: dict[str, Any]) -> list[Figure]:
+    def missed(workers: int) -> str:
+        n = f.get(f"ingest_workers{workers}_not_accepted")
+        return f" (not accepted: {n['lost']} lost, {n['shed']} shed, {n['rejected']} refused)" if n else ""
+
     out = []
     if f.get("ingest_ratio") is not None:
-        out.append(Figure("hub ingest, one process (accepted/s)", f"{f['ingest_workers0_per_s']:,}/s",
+        out.append(Figure(f"hub ingest, one process (accepted/s){missed(0)}", f"{f['ingest_workers0_per_s']:,}/s",
                           f"bare verify, one core {f['verify_per_s']:,}/s", x(f["ingest_ratio"]),
                           f">= {f['target_ingest_ratio']}x", verdict(f["ingest_ratio"] >= f["target_ingest_ratio"])))
     if f.get("workers_ratio") is not None:
-        out.append(Figure("hub ingest, 2 workers", f"{f['ingest_workers2_per_s']:,}/s",
-                          f"1 worker {f['ingest_workers1_per_s']:,}/s", x(f["workers_ratio"]),
+        out.append(Figure(f"hub ingest, 2 workers{missed(2)}", f"{f['ingest_workers2_per_s']:,}/s",
+                          f"1 worker {f['ingest_workers1_per_s']:,}/s{missed(1)}", x(f["workers_ratio"]),
                           f">= {f['target_workers_ratio']}x", verdict(f["workers_ratio"] >= f["target_workers_ratio"])))
     return out
 

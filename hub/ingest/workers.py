@@ -70,6 +70,7 @@ class IngestWorkers:
         self._ready = asyncio.Event()
         self._exited: _Process | None = None
         self._failure: Exception | None = None
+        self.opened_here = 0  # node messages the core opened itself (a key the workers had not heard of yet)
         if count:
             hub.metrics.registry.register(_Collector(self))
 
@@ -190,6 +191,7 @@ class IngestWorkers:
             if item is None:  # an enroll request, or no trusted key at all: the intake screens it as ever
                 intake.offer(topic, payload, at=at)
             else:
+                self.opened_here += 1
                 opened.append(item)
         for held in opened:
             header = held[4]
@@ -228,6 +230,10 @@ class _Collector(Collector):
                                       "on (the message was lost, shed, or waited past the timeout)")
         skipped.add_metric([], buffer.gaps_skipped)
         yield skipped
+        here = CounterMetricFamily("fleetflow_ingest_opened_by_core", "Node messages the core opened itself, under a "
+                                   "key the workers had not heard of yet (they hear of a new one within a second)")
+        here.add_metric([], self.workers.opened_here)
+        yield here
         late = CounterMetricFamily("fleetflow_ingest_reorder_late", "Messages that arrived behind later ones of their "
                                    "node (duplicates among them): judged by the replay window, never applied")
         late.add_metric([], buffer.late)
