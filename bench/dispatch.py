@@ -7,11 +7,12 @@ a real Mosquitto. The bench submits runs of `--steps-per-run` independent `echo`
 rate (due times are absolute, so a slow answer does not lower it), `rate / steps-per-run` runs per second.
 
 Latency of a step = from the moment the run's POST is due (the bench sends it then, unless its own loop is behind:
-that wait counts too) to the moment the hub's acknowledgement of that step's result appears on the wire. The hub acknowledges a result only once it is in its journal (fsync'd) and
-applied, so the ack is "result accepted by the hub". The ack, the assignment and the result are timestamped by a
-separate recorder process on the broker (bench/wirerecorder.py), never read from the hub's own figures. Every step
-submitted is counted: one whose accepted result is not on the wire once every run has ended (or after a bound) fails
-the bench (exit 1), as does a run that did not succeed.
+that wait counts too) to the moment the hub's acknowledgement of that step's result appears on the wire. The hub
+acknowledges a result only once it is in its journal (fsync'd) and applied, so the ack is "result accepted by the
+hub". The ack, the assignment and the result are timestamped by a separate recorder process on the broker
+(bench/wirerecorder.py), never read from the hub's own figures. Every step submitted is counted: one whose accepted
+result is not on the wire once every run has ended (or after a bound) fails the bench (exit 1), as does a run that did
+not succeed.
 
 Side by side in the same run: a bare MQTT round trip (QoS 1 there and back, no signing, no agent, no hub) through
 the same broker, the floor any dispatch adds to. Target (issue 17): p50 < 10 ms and p99 < 50 ms at 1,000 steps/s.
