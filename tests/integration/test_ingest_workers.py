@@ -128,7 +128,7 @@ def test_workers_learn_new_keys_skip_a_gap_after_its_timeout_and_resume_from_the
             return hub.metric("fleetflow_ingest_opened_by_core") == before
 
         wait(opened_by_the_worker, 60, "a message of the node added while the hub ran opened by the worker")
-        # A message lost on its way: those behind it wait for it 250 ms, then go on without it.
+        # A message lost on its way: those behind it wait for it (2 s), then go on without it.
         step()
         publisher.publish_all([step(), step()], qos=1)
         wait(lambda: applied(sent - 1, sent), 30, "the messages behind a gap applied")
