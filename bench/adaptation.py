@@ -14,11 +14,11 @@ running on each hot node. Then every hot node turns critical at once (temp 95) a
              node; split into the hub's part (-> the new assignment on the wire: its ingest, classification, journal
              commit and placement) and the new node's (assignment -> started)
 
-Every time is a wire time from a separate recorder process (bench/wirerecorder.py), on this machine's wall clock;
-the journal (read from its file, `fleetflow journal export`, never the hub's API) only names the threshold the hub
-judged by. Side by side: the
-policy's own floor, `duration` (detection can be no shorter) and `duration` plus the telemetry interval (the latest
-a sample can complete it). Prints a table, then one JSON line. `--smoke` uses a 1 s policy instead (for CI only).
+Every time is a wire time from a separate recorder process (bench/wirerecorder.py), on this machine's wall clock; the
+journal (read from its file, `fleetflow journal export`, never the hub's API) only names the threshold the hub judged
+by. Side by side: the policy's own floor, `duration` (detection can be no shorter) and `duration` plus the telemetry
+interval (the latest a sample can complete it). Prints a table, then one JSON line. `--smoke` uses a 1 s policy
+instead (for CI only).
 """
 
 from __future__ import annotations

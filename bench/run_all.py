@@ -5,13 +5,12 @@
     python bench/run_all.py --only NAME      # some benches at full size: the table goes to stdout only
 
 Each bench prints its own table and, last, one JSON line of figures; this reads that line. The table gives, for each
-figure, the value, the reference measured beside it in the same run, their ratio, the target and MET / NOT MET (a
-dash where the issue set no target). A full run writes it into bench/RESULTS.md between the markers below, with the
-machine (cores, CPU model, Python, Mosquitto), when it ran and on which commit (and whether the tree had uncommitted
-changes), and leaves the rest of that file alone. Exit status 1 when
-any bench failed (a non-zero exit, or no JSON line), whatever its figures (a bench that exits non-zero after its JSON
-line, as one whose checker failed, keeps its figures in the table, followed by a FAILED row); a NOT MET is a figure,
-not a failure.
+figure, the value, the reference measured beside it in the same run, their ratio, the target and MET / NOT MET (a dash
+where the issue set no target). A full run writes it into bench/RESULTS.md between the markers below, with the machine
+(cores, CPU model, Python, Mosquitto), when it ran and on which commit (and whether the tree had uncommitted changes),
+and leaves the rest of that file alone. Exit status 1 when any bench failed (a non-zero exit, or no JSON line),
+whatever its figures (a bench that exits non-zero after its JSON line, as one whose checker failed, keeps its figures
+in the table, followed by a FAILED row); a NOT MET is a figure, not a failure.
 `--lock PATH` holds an exclusive flock on PATH around each bench, so others sharing the machine can wait their turn.
 """
 
