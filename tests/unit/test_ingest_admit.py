@@ -1,7 +1,12 @@
 """The core's half of a message an ingest worker opened (hub/clones.py `admit_verified`): the key must still be
-trusted, the replay window judges it, and a message the reorder buffer released late is never accepted."""
+trusted, the replay window judges it, and a message the reorder buffer released late is never accepted; and what a
+worker could not open (a key it had not heard of yet) the core opens, counts and orders with the rest."""
 
 from __future__ import annotations
+
+import collections
+from types import SimpleNamespace
+from typing import Any
 
 import nacl.signing
 import pytest
@@ -9,6 +14,8 @@ import pytest
 from hub.clones import CloneWatch
 from hub.health import Policy
 from hub.ingest import ArrivedLate
+from hub.ingest.worker import Batch, open_message
+from hub.ingest.workers import IngestWorkers
 from protocols import Birth, Heartbeat, Keyring, Outgoing, Receiver, Replayed, Signer, UnknownKey, kid_for
 
 FLEET = "plant"
@@ -71,3 +78,37 @@ def test_ingest_workers_is_a_setting_like_the_others() -> None:
     assert settings.hub_config(Policy()).ingest_workers == 2
     with pytest.raises(ConfigError, match="ingest_workers .from environment.: must be an integer from 0 to 64"):
         load_hub_settings(required, None, {"FLEETFLOW_INGEST_WORKERS": "-1"})
+
+
+
+class TakenIn:
+    """The hub's intake as the core's side of the workers sees it: what was offered, in order."""
+
+    backlog_ms = 0
+
+    def __init__(self) -> None:
+        self.offered: list[tuple[str, Any]] = []
+
+    def offer(self, topic: str, payload: bytes, opened: Any = None, at: int | None = None) -> bool:
+        self.offered.append((topic, opened))
+        return True
+
+
+def test_what_a_worker_could_not_open_the_core_opens_counts_and_orders_with_the_rest() -> None:
+    signer = Signer(KEY, FLEET, "n1", boot=1)
+    first, second = heartbeat(signer, 1_000), heartbeat(signer, 1_001)
+    enroll_topic = f"fleetflow/v1/{FLEET}/node/n2/enroll"
+    intake = TakenIn()
+    hub = SimpleNamespace(receiver=Receiver(FLEET, Keyring([("n1", bytes(KEY.verify_key))])), intake=intake,
+                          protocol=SimpleNamespace(refused=collections.Counter()), clock=lambda: 2_000)
+    workers = IngestWorkers(hub, 0)  # type: ignore[arg-type]  # the core's half alone: no processes
+    # A worker that knows the key sends seq 2 opened; seq 1 came to one that did not, and it sends it on unopened.
+    opened_second = open_message(hub.receiver, second.topic, second.payload, 1_001)
+    assert opened_second is not None
+    workers._take(None, Batch(opened=[opened_second]))  # type: ignore[arg-type]
+    assert intake.offered == [] and workers.opened_here == 0  # seq 2 waits for seq 1
+    unopened = [(first.topic, first.payload, 1_000), (enroll_topic, b"request", 1_002)]
+    workers._take(None, Batch(unopened=unopened))  # type: ignore[arg-type]
+    assert workers.opened_here == 1  # seq 1, opened here; the enroll request goes to the intake as it came
+    assert [(topic, opened and opened.message.header.seq) for topic, opened in intake.offered] == [
+        (enroll_topic, None), (first.topic, 1), (second.topic, 2)]
